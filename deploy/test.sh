@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs newsbeam with its test dependencies and runs the whole test suite. The suite
+# starts its own Elasticsearch nodes (security off and on) and HTTP servers on 127.0.0.1;
+# the external suite (tests/external) runs when ../shared is present.
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+install_newsbeam "[test]"
+.venv/bin/python -m pipeline.local_es fetch >/dev/null
+exec .venv/bin/python -m pytest "$@"

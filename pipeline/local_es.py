@@ -1,0 +1,287 @@
+"""A local Elasticsearch for development and tests: the integ-test zip from Maven Central.
+
+    python -m pipeline.local_es fetch                  # download (cached) and unpack
+    python -m pipeline.local_es start [--dir D] [--port 9200] [--security]
+    python -m pipeline.local_es stop  [--dir D]
+    python -m pipeline.local_es status [--dir D]
+
+Standard library only: it runs before anything else is installed. The zip is the bare
+server (transport + x-pack core/security); it needs Java 21+ (`ES_JAVA_HOME`, or a JDK
+found in /usr/lib/jvm) and refuses to run as root, so as root it runs as the system user
+`elasticsearch`, created when missing.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+VERSION = os.environ.get("NEWSBEAM_ES_VERSION", "9.5.4")
+ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{VERSION}:zip"
+CENTRAL = "https://repo.maven.apache.org/maven2"
+# As root the server runs as another user, who cannot read root's home: use system folders.
+_ROOT = os.geteuid() == 0
+CACHE = Path(os.environ.get("NEWSBEAM_CACHE", "/var/cache/newsbeam" if _ROOT else Path.home() / ".cache" / "newsbeam"))
+DEFAULT_DIR = Path(os.environ.get("NEWSBEAM_ES_DIR", "/var/lib/newsbeam/elasticsearch" if _ROOT
+                                  else Path.home() / ".local" / "share" / "newsbeam" / "elasticsearch"))
+RUN_AS = "elasticsearch"
+WRITER_USER = "newsbeam-writer"
+# The pipeline's least-privilege role (also documented in the README): create documents
+# and indices of its own, read the rules and the articles, nothing else.
+WRITER_ROLE = """newsbeam_writer:
+  cluster: ["monitor", "manage_index_templates"]
+  indices:
+    - names: ["news-articles*", "newsbeam-*", "secure-*"]
+      privileges: ["create_doc", "index", "create_index", "auto_configure", "read", "view_index_metadata",
+                   "manage"]
+"""
+
+
+class LocalEsError(RuntimeError):
+    pass
+
+
+def _say(message: str) -> None:
+    print(f"[local-es] {message}", file=sys.stderr, flush=True)
+
+
+def _zip_path() -> Path:
+    m2 = Path(os.environ.get("MAVEN_REPO", Path.home() / ".m2" / "repository"))
+    return m2 / "org/elasticsearch/distribution/integ-test-zip/elasticsearch" / VERSION / f"elasticsearch-{VERSION}.zip"
+
+
+def fetch() -> Path:
+    """Returns the unpacked distribution, downloading it through Maven once."""
+    home = CACHE / f"elasticsearch-{VERSION}"
+    if (home / "bin" / "elasticsearch").exists():
+        return home
+    archive = _zip_path()
+    if not archive.exists():
+        if shutil.which("mvn"):
+            _say(f"downloading {ARTIFACT} with Maven (cached in ~/.m2)")
+            subprocess.run(["mvn", "-q", "-B", "dependency:get", f"-Dartifact={ARTIFACT}", "-Dtransitive=false"],
+                           check=True)
+        else:
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            url = f"{CENTRAL}/org/elasticsearch/distribution/integ-test-zip/elasticsearch/{VERSION}/{archive.name}"
+            _say(f"downloading {url}")
+            urllib.request.urlretrieve(url, archive)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    CACHE.chmod(0o755)
+    partial = CACHE / f".unpack-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run(["unzip", "-q", str(archive), "-d", str(partial)], check=True)
+    (partial / f"elasticsearch-{VERSION}").rename(home)
+    shutil.rmtree(partial, ignore_errors=True)
+    for tool in (home / "bin").iterdir():
+        tool.chmod(0o755)
+    return home
+
+
+def _java_major(java_home: Path) -> int:
+    release = java_home / "release"
+    if release.exists():
+        found = re.search(r'JAVA_VERSION="(\d+)', release.read_text())
+        if found:
+            return int(found.group(1))
+    return 0
+
+
+def java_home() -> Path:
+    """ES_JAVA_HOME if set, else the newest JDK >= 21 under /usr/lib/jvm or JAVA_HOME."""
+    if os.environ.get("ES_JAVA_HOME"):
+        return Path(os.environ["ES_JAVA_HOME"])
+    candidates = [Path(os.environ["JAVA_HOME"])] if os.environ.get("JAVA_HOME") else []
+    jvm = Path("/usr/lib/jvm")
+    if jvm.is_dir():
+        candidates += [p for p in jvm.iterdir() if p.is_dir() and not p.is_symlink()]
+    usable = sorted((_java_major(p), str(p)) for p in candidates if _java_major(p) >= 21)
+    if not usable:
+        raise LocalEsError("Elasticsearch 9 needs Java 21 or newer: install a JDK 21+ "
+                           "(e.g. Temurin) and set ES_JAVA_HOME to it")
+    return Path(usable[-1][1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Instance:
+    directory: Path
+    port: int
+    security: bool = False
+    username: str = ""
+    password: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"})
+        if self.security:
+            token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+
+    def save(self) -> None:
+        (self.directory / "instance.json").write_text(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Instance":
+        data = json.loads((directory / "instance.json").read_text())
+        data["directory"] = Path(data["directory"])
+        return cls(**data)
+
+
+def _run_as_user() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam(RUN_AS)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RUN_AS],
+                       check=True)
+    return ["runuser", "-u", RUN_AS, "--"]
+
+
+def _pid(directory: Path) -> int | None:
+    try:
+        pid = int((directory / "es.pid").read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+
+
+def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = False, heap: str = "512m",
+          username: str = "newsbeam-admin", password: str = "newsbeam-secret", timeout: float = 180.0) -> Instance:
+    """Starts a single-node server bound to 127.0.0.1 and waits for yellow/green health."""
+    home = fetch()
+    directory = directory.resolve()
+    if _pid(directory):
+        instance = Instance.load(directory)
+        _say(f"already running at {instance.url} (pid {_pid(directory)})")
+        return instance
+    config = directory / "config"
+    if not config.exists():
+        shutil.copytree(home / "config", config)
+    for sub in ("data", "logs"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    settings = {
+        "cluster.name": "newsbeam-local", "node.name": "newsbeam-local-1",
+        "network.host": "127.0.0.1", "http.port": port, "transport.port": free_port(),
+        "discovery.type": "single-node", "path.data": str(directory / "data"),
+        "path.logs": str(directory / "logs"),
+        "xpack.security.enabled": security, "xpack.security.http.ssl.enabled": False,
+        # Local disks are often fuller than a cluster's; do not go read-only for that.
+        "cluster.routing.allocation.disk.threshold_enabled": False,
+        "action.destructive_requires_name": False,
+    }
+    (config / "elasticsearch.yml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
+    env = {**os.environ, "ES_PATH_CONF": str(config), "ES_JAVA_HOME": str(java_home()),
+           "ES_JAVA_OPTS": f"-Xms{heap} -Xmx{heap}"}
+    env.pop("JAVA_HOME", None)
+    prefix = _run_as_user()
+    instance = Instance(directory, port, security, username if security else "", password if security else "")
+    if security:
+        # File-realm users and roles: they need no .security index, which the bare server
+        # cannot create (its mappings use analyzers from the absent analysis-common module).
+        (config / "roles.yml").write_text(WRITER_ROLE)
+        users = str(home / "bin" / "elasticsearch-users")
+        for name, role in ((username, "superuser"), (WRITER_USER, "newsbeam_writer")):
+            subprocess.run([users, "useradd", name, "-p", password, "-r", role], env=env, check=False,
+                           capture_output=True)
+    if prefix:
+        subprocess.run(["chown", "-R", RUN_AS, str(directory)], check=True)
+    _say(f"starting Elasticsearch {VERSION} on {instance.url} (data in {directory})")
+    log = open(directory / "startup.log", "wb")
+    subprocess.run(prefix + [str(home / "bin" / "elasticsearch"), "-d", "-p", str(directory / "es.pid")],
+                   env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    instance.save()
+    wait(instance, timeout)
+    return instance
+
+
+def wait(instance: Instance, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            health = instance.request("GET", "/_cluster/health?wait_for_status=yellow&timeout=5s")
+            if health.get("status") in ("yellow", "green"):
+                _say(f"ready: {instance.url} ({health['status']})")
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+            last = str(err)
+        if not _pid(instance.directory) and time.monotonic() > deadline - timeout + 15:
+            break
+        time.sleep(1)
+    tail = ""
+    for name in ("startup.log", f"logs/newsbeam-local.log"):
+        path = instance.directory / name
+        if path.exists():
+            tail += path.read_text(errors="replace")[-3000:]
+    raise LocalEsError(f"Elasticsearch did not become healthy at {instance.url} ({last}); log tail:\n{tail}")
+
+
+def stop(directory: Path = DEFAULT_DIR, timeout: float = 60.0) -> None:
+    pid = _pid(directory.resolve())
+    if not pid:
+        _say("not running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid(directory.resolve()):
+        time.sleep(0.5)
+    if _pid(directory.resolve()):
+        os.kill(pid, signal.SIGKILL)
+    _say(f"stopped (pid {pid})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.local_es", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["fetch", "start", "stop", "status"])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"instance folder (default {DEFAULT_DIR})")
+    parser.add_argument("--port", type=int, default=9200)
+    parser.add_argument("--heap", default="512m")
+    parser.add_argument("--security", action="store_true", help="enable x-pack security (basic auth user)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(fetch())
+        elif args.command == "start":
+            print(start(args.dir, args.port, args.security, args.heap).url)
+        elif args.command == "stop":
+            stop(args.dir)
+        else:
+            pid = _pid(args.dir.resolve())
+            print(f"running (pid {pid}) at {Instance.load(args.dir.resolve()).url}" if pid else "not running")
+            return 0 if pid else 1
+    except (LocalEsError, subprocess.CalledProcessError, OSError) as err:
+        _say(f"error: {err}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Shared fixtures. Elasticsearch is real in every test: the session starts a local node
+from the integ-test zip (pipeline.local_es) unless NEWSBEAM_TEST_ES_URL names a running one."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from elasticsearch import Elasticsearch
+
+from pipeline import local_es
+from pipeline.config import ElasticsearchSettings, Settings, load_settings
+from tests.feedserver import FeedServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def es_node():
+    if os.environ.get("NEWSBEAM_TEST_ES_URL"):
+        yield local_es.Instance(Path("."), 0), os.environ["NEWSBEAM_TEST_ES_URL"]
+        return
+    directory = Path(tempfile.mkdtemp(prefix="newsbeam-test-es-"))
+    instance = local_es.start(directory, port=local_es.free_port())
+    try:
+        yield instance, instance.url
+    finally:
+        local_es.stop(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def es_url(es_node) -> str:
+    return es_node[1]
+
+
+@pytest.fixture(scope="session")
+def es(es_url) -> Elasticsearch:
+    client = Elasticsearch(es_url, request_timeout=30)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def secure_es_node():
+    """A second node with security on (file-realm superuser made with elasticsearch-users)."""
+    directory = Path(tempfile.mkdtemp(prefix="newsbeam-test-secure-es-"))
+    instance = local_es.start(directory, port=local_es.free_port(), security=True)
+    try:
+        yield instance
+    finally:
+        local_es.stop(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def es_settings(es_url) -> ElasticsearchSettings:
+    """Per-test index names, so tests never see each other's documents."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    return ElasticsearchSettings(url=es_url, articles_alias=f"{prefix}-articles",
+                                 deadletter_index=f"{prefix}-deadletters", bulk_actions=50)
+
+
+@pytest.fixture
+def settings(es_settings) -> Settings:
+    base = load_settings(REPO / "configs" / "pipeline.yaml")
+    return dataclasses.replace(base, elasticsearch=es_settings, feeds=())
+
+
+@pytest.fixture(scope="session")
+def nlp():
+    from transforms.entities import load_model
+    return load_model()
+
+
+@pytest.fixture
+def feed_server():
+    with FeedServer() as server:
+        yield server

@@ -1,0 +1,86 @@
+"""`newsbeam run` as a user runs it: a subprocess polling a feed server on loopback,
+streaming into the real Elasticsearch, then `newsbeam search`."""
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+from tests.feedserver import fixture_articles, rss
+
+
+def write_config(tmp_path: Path, es_settings, poll_interval: float) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "pipeline.yaml").read_text())
+    config["poll_interval"] = poll_interval
+    config["topics_file"] = str(REPO / "configs" / "topics.yaml")
+    config.pop("feeds_file")
+    config["elasticsearch"].update(url=es_settings.url, articles_alias=es_settings.articles_alias,
+                                   deadletter_index=es_settings.deadletter_index)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def newsbeam(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_indexes_feed_items_once_and_picks_up_new_ones(tmp_path, es, es_settings, feed_server):
+    fixtures = fixture_articles()
+    items = [fixtures["ventilators"], fixtures["floods"], fixtures["election"]]
+    feed = feed_server.serve("/world.xml", lambda: rss(items))
+    duplicate_feed = feed_server.serve("/mirror.xml", rss([fixtures["ventilators"]], title="Mirror"))
+    broken_feed = feed_server.serve("/broken.xml", b"<html>this is not a feed</html>")
+    config = write_config(tmp_path, es_settings, poll_interval=4)
+
+    def add_item_later():
+        time.sleep(14)
+        items.append(fixtures["late"])
+        added_at.append(time.time())
+
+    added_at: list[float] = []
+    threading.Thread(target=add_item_later, daemon=True).start()
+    run = newsbeam("run", "--config", str(config), "--feed", feed, "--feed", duplicate_feed,
+                   "--feed", broken_feed, "--duration", "32")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "runner:" in run.stderr
+    assert feed_server.hits["/world.xml"] >= 5  # polled repeatedly, not once
+
+    es.indices.refresh(index=[es_settings.articles_alias, es_settings.deadletter_index])
+    hits = es.search(index=es_settings.articles_alias, size=50)["hits"]["hits"]
+    titles = sorted(h["_source"]["title"] for h in hits)
+    assert titles == sorted(f["title"] for f in (*items,)), "each item exactly once"
+    docs = {h["_source"]["title"]: h["_source"] for h in hits}
+    story = docs[fixtures["ventilators"]["title"]]
+    assert {"Donald Trump", "Vladimir Putin"} <= set(story["persons"])
+    assert "Russia" in story["locations"]
+    assert "medical equipment aid" in story["topics"]
+    assert story["body"].startswith("President Donald Trump told")
+    assert "trackReader" not in story["body"]
+    assert story["url"] == fixtures["ventilators"]["link"]
+    for field in ("fetched_at", "indexed_at", "published_at", "feed_url", "source", "article_id"):
+        assert story[field], field
+    late = docs[fixtures["late"]["title"]]
+    assert "medical equipment aid" in late["topics"]
+    # The item that appeared mid-run was searchable within one poll interval (+ processing).
+    indexed_at = time.mktime(time.strptime(late["indexed_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert indexed_at - added_at[0] <= 4 + 6
+
+    dead = es.search(index=es_settings.deadletter_index)["hits"]["hits"]
+    assert {(d["_source"]["stage"], d["_source"]["feed_url"]) for d in dead} == {("parse", broken_feed)}
+
+    search = newsbeam("search", "ventilators", "--config", str(config))
+    assert search.returncode == 0, search.stderr
+    assert fixtures["ventilators"]["title"] in search.stdout
+    assert "medical equipment aid" in search.stdout
+    by_entity = newsbeam("search", "--entity", "vladimir putin", "--config", str(config))
+    assert fixtures["ventilators"]["title"] in by_entity.stdout
+    assert fixtures["floods"]["title"] not in by_entity.stdout
+    by_topic = newsbeam("search", "--topic", "natural disasters", "--config", str(config))
+    assert fixtures["floods"]["title"] in by_topic.stdout and "1 of 1" in by_topic.stderr

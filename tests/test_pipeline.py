@@ -1,0 +1,54 @@
+"""The enrichment and indexing stages in a TestPipeline, writing to the real Elasticsearch."""
+import time
+
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline.build import enrich
+from pipeline.config import Feed
+from tests.feedserver import fixture_articles, rss
+from transforms.deadletter import DEAD
+from transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
+from transforms.fetch import FetchResult
+from transforms.parse import ParseEntries
+from transforms.topics import Taxonomy
+
+
+def fetched(items, url="https://news.example.org/feed.xml"):
+    return FetchResult(feed=Feed(url=url), final_url=url, status=200, headers={}, body=rss(items),
+                       fetched_at=time.time(), elapsed=0.0)
+
+
+def test_parse_enrich_index_with_duplicates_and_a_broken_feed(es, settings):
+    client = connect(settings.elasticsearch)
+    ensure_indices(client, settings.elasticsearch)
+    fixtures = fixture_articles()
+    taxonomy = Taxonomy.load(settings.topics_file)
+    # The same story in two feeds (one link with tracking parameters) and a feed that is not a feed.
+    first = fetched([fixtures["ventilators"], fixtures["floods"]])
+    again = fetched([{**fixtures["ventilators"], "link": fixtures["ventilators"]["link"] + "&utm_term=x"}],
+                    url="https://other.example.org/rss")
+    broken = FetchResult(feed=Feed(url="https://broken.example.org/rss"), final_url="https://broken.example.org/rss",
+                         status=200, headers={}, body=b"<html>oops</html>", fetched_at=time.time(), elapsed=0.0)
+    with TestPipeline() as p:
+        parsed = p | beam.Create([first, again, broken]) | ParseEntries()
+        enriched, enrich_dead = enrich(parsed.articles, settings, taxonomy)
+        indexed = enriched | IndexArticles(settings.elasticsearch)
+        dead = (parsed[DEAD], *enrich_dead, indexed[DEAD]) | "Dead" >> beam.Flatten()
+        dead | WriteDeadLetters(settings.elasticsearch)
+        assert_that(indexed.indexed | beam.combiners.Count.Globally(), equal_to([2]), label="TwoUnique")
+        assert_that(dead | beam.Map(lambda d: (d["stage"], d["feed_url"])),
+                    equal_to([("parse", "https://broken.example.org/rss")]), label="OneDeadLetter")
+    es.indices.refresh(index=[settings.elasticsearch.articles_alias, settings.elasticsearch.deadletter_index])
+    docs = {h["_source"]["title"]: h["_source"] for h in
+            es.search(index=settings.elasticsearch.articles_alias, size=10)["hits"]["hits"]}
+    assert set(docs) == {fixtures["ventilators"]["title"], fixtures["floods"]["title"]}
+    story = docs[fixtures["ventilators"]["title"]]
+    assert "medical equipment aid" in story["topics"]
+    assert {"Donald Trump", "Vladimir Putin"} <= set(story["persons"])
+    assert "lemmas" not in story  # searchable, not stored
+    assert es.count(index=settings.elasticsearch.articles_alias,
+                    query={"match": {"lemmas": "ventilator"}})["count"] == 1
+    dead_docs = es.search(index=settings.elasticsearch.deadletter_index)["hits"]["hits"]
+    assert [(d["_source"]["stage"], d["_source"]["reason"]) for d in dead_docs] == [("parse", "unparseable_feed")]

@@ -1,0 +1,50 @@
+"""Dead letters: one record shape for every stage, indexed where people can search them."""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+DEAD = "dead"
+_MAX_PAYLOAD = 20_000
+
+
+def dead_letter(stage: str, reason: str, error: str, *, feed_url: str = "", article_id: str = "",
+                url: str = "", payload: Any = None) -> dict[str, Any]:
+    """A dead-letter document; its id is stable so a replay of the same failure is stored once."""
+    key = "|".join((stage, reason, feed_url, article_id, url, error[:500]))
+    record = {
+        "dead_letter_id": hashlib.sha256(key.encode("utf-8")).hexdigest()[:32],
+        "stage": stage,
+        "reason": reason,
+        "error": error[:2000],
+        "feed_url": feed_url,
+        "article_id": article_id,
+        "url": url,
+        "failed_at": _now_iso(),
+    }
+    if payload is not None:
+        record["payload"] = str(payload)[:_MAX_PAYLOAD]
+    return record
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class SafeMapFn:
+    """Wraps a per-element function so an exception turns that element into a dead letter
+    instead of failing the bundle (and with it, the stream)."""
+
+    def __init__(self, fn, stage: str):
+        self._fn = fn
+        self._stage = stage
+
+    def __call__(self, element: dict[str, Any]):
+        import apache_beam as beam
+        try:
+            yield self._fn(element)
+        except Exception as err:  # one bad article must not stop the others
+            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+                self._stage, type(err).__name__, str(err), feed_url=element.get("feed_url", ""),
+                article_id=element.get("article_id", ""), url=element.get("url", ""), payload=element))

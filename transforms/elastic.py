@@ -1,0 +1,273 @@
+"""Elasticsearch: the client, the indices newsbeam owns, and the bulk sinks
+(`IndexArticles`, `WriteDeadLetters`).
+
+Everything created here uses only what the minimal server has (the `standard` analyzer,
+index templates and aliases), so it works on the integ-test zip and on the full
+distribution alike. Enrichment happens in Beam; there are no ingest pipelines.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from typing import Any, Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from elasticsearch import ApiError, Elasticsearch, TransportError
+
+from pipeline.config import ElasticsearchSettings
+from transforms.batching import BatchingDoFn
+from transforms.deadletter import DEAD, dead_letter
+
+_LOG = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_KEYWORD = {"type": "keyword", "ignore_above": 1024}
+_DATE = {"type": "date", "format": "strict_date_optional_time||epoch_millis"}
+_TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}}
+_COMMON_SETTINGS = {"index.auto_expand_replicas": "0-1", "number_of_shards": 1}
+
+ARTICLE_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    # Lemmas are searchable (alerts and back-fill match on them) but not kept in _source.
+    "_source": {"excludes": ["lemmas"]},
+    "properties": {
+        "article_id": _KEYWORD, "url": _KEYWORD, "guid": _KEYWORD,
+        "title": _TEXT_WITH_KEYWORD, "summary": {"type": "text"}, "body": {"type": "text"},
+        "lemmas": {"type": "text"},
+        "feed_url": _KEYWORD, "source": _KEYWORD, "publisher": _KEYWORD, "author": _KEYWORD,
+        "language": _KEYWORD,
+        "published_at": _DATE, "fetched_at": _DATE, "indexed_at": _DATE,
+        "entities": {"properties": {"name": _KEYWORD, "label": _KEYWORD, "text": _KEYWORD,
+                                    "count": {"type": "integer"}}},
+        "persons": _KEYWORD, "organizations": _KEYWORD, "locations": _KEYWORD,
+        "topics": _KEYWORD,
+        "topic_evidence": {"properties": {"topic": _KEYWORD, "score": {"type": "float"},
+                                          "evidence": _KEYWORD}},
+    },
+}
+
+DEADLETTER_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {
+        "dead_letter_id": _KEYWORD, "stage": _KEYWORD, "reason": _KEYWORD,
+        "error": {"type": "text"}, "feed_url": _KEYWORD, "article_id": _KEYWORD, "url": _KEYWORD,
+        "failed_at": _DATE, "payload": {"type": "text", "index": False},
+    },
+}
+
+
+class ElasticsearchUnavailable(RuntimeError):
+    """Elasticsearch cannot be reached or refused our credentials; the message is one line."""
+
+
+def client_kwargs(settings: ElasticsearchSettings) -> dict[str, Any]:
+    """Connection options; secrets come from the environment at connect time, never from
+    the command line or the pipeline graph."""
+    kwargs: dict[str, Any] = {"request_timeout": settings.request_timeout, "max_retries": 0,
+                              "retry_on_timeout": False}
+    if os.environ.get("ELASTICSEARCH_API_KEY"):
+        kwargs["api_key"] = os.environ["ELASTICSEARCH_API_KEY"]
+    elif os.environ.get("ELASTICSEARCH_USERNAME"):
+        kwargs["basic_auth"] = (os.environ["ELASTICSEARCH_USERNAME"], os.environ.get("ELASTICSEARCH_PASSWORD", ""))
+    if settings.ca_certs:
+        kwargs["ca_certs"] = settings.ca_certs
+    return kwargs
+
+
+def connect(settings: ElasticsearchSettings, check: bool = True) -> Elasticsearch:
+    client = Elasticsearch(settings.url, **client_kwargs(settings))
+    if check:
+        try:
+            client.cluster.health()
+        except ApiError as err:
+            if err.meta.status in (401, 403):
+                raise ElasticsearchUnavailable(
+                    f"Elasticsearch at {settings.url} refused the credentials (HTTP {err.meta.status}); "
+                    "set ELASTICSEARCH_API_KEY or ELASTICSEARCH_USERNAME/ELASTICSEARCH_PASSWORD") from None
+            raise ElasticsearchUnavailable(f"Elasticsearch at {settings.url} answered HTTP {err.meta.status}: "
+                                           f"{err.message}") from None
+        except TransportError as err:
+            raise ElasticsearchUnavailable(f"cannot reach Elasticsearch at {settings.url}: "
+                                           f"{type(err).__name__}: {err.message}") from None
+    return client
+
+
+def _put_template(client: Elasticsearch, name: str, pattern: str, mappings: dict[str, Any]) -> None:
+    client.indices.put_index_template(name=name, index_patterns=[pattern], priority=200,
+                                      template={"settings": _COMMON_SETTINGS, "mappings": mappings},
+                                      meta={"managed_by": "newsbeam"})
+
+
+def _bootstrap_alias(client: Elasticsearch, alias: str) -> None:
+    if client.indices.exists_alias(name=alias):
+        return
+    if client.indices.exists(index=alias):
+        raise ElasticsearchUnavailable(
+            f"an index named {alias!r} exists; newsbeam needs that name for an alias. "
+            f"Reindex or delete it, or set elasticsearch.articles_alias")
+    try:
+        client.indices.create(index=f"{alias}-000001", aliases={alias: {"is_write_index": True}})
+    except ApiError as err:
+        if err.error != "resource_already_exists_exception":
+            raise
+
+
+def ensure_indices(client: Elasticsearch, settings: ElasticsearchSettings) -> None:
+    """Creates (idempotently) the index templates, the articles alias and the dead-letter index."""
+    _put_template(client, settings.articles_alias, f"{settings.articles_alias}-*", ARTICLE_MAPPINGS)
+    _put_template(client, settings.deadletter_index, settings.deadletter_index, DEADLETTER_MAPPINGS)
+    _bootstrap_alias(client, settings.articles_alias)
+    if not client.indices.exists(index=settings.deadletter_index):
+        try:
+            client.indices.create(index=settings.deadletter_index)
+        except ApiError as err:
+            if err.error != "resource_already_exists_exception":
+                raise
+
+
+class BulkWriter:
+    """Bulk-writes documents with our own retry: transport errors and 429/502/503/504 are
+    retried with capped exponential back-off and jitter, a 409 on `create` counts as
+    already written, any other per-item error is returned as permanent."""
+
+    def __init__(self, client: Elasticsearch, index: str, id_field: str, op: str = "create",
+                 max_backoff: float = 30.0, on_retry=None):
+        self._client = client
+        self._index = index
+        self._id_field = id_field
+        self._op = op
+        self._max_backoff = max_backoff
+        self._on_retry = on_retry or (lambda count: None)
+
+    def write(self, docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        """Returns one (outcome, detail) per doc: ('written'|'exists'|'failed', reason)."""
+        outcomes: list[tuple[str, str] | None] = [None] * len(docs)
+        pending = list(range(len(docs)))
+        attempt = 0
+        while pending:
+            operations: list[Any] = []
+            for i in pending:
+                operations.append({self._op: {"_index": self._index, "_id": docs[i][self._id_field]}})
+                operations.append(docs[i])
+            retry = []
+            try:
+                response = self._client.bulk(operations=operations)
+                for i, item in zip(pending, response["items"]):
+                    result = item[self._op]
+                    status = result.get("status", 500)
+                    if status < 300:
+                        outcomes[i] = ("written", "")
+                    elif status == 409 and self._op == "create":
+                        outcomes[i] = ("exists", "")
+                    elif status in RETRY_STATUSES:
+                        retry.append(i)
+                    else:
+                        error = result.get("error", {})
+                        outcomes[i] = ("failed", f"{status} {error.get('type', '')}: {error.get('reason', '')}")
+            except ApiError as err:
+                if err.meta.status not in RETRY_STATUSES:
+                    raise
+                retry = pending
+            except TransportError as err:
+                _LOG.warning("Elasticsearch unreachable (%s); %d documents wait for it", type(err).__name__, len(pending))
+                retry = pending
+            if retry:
+                self._on_retry(len(retry))
+                delay = min(self._max_backoff, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)
+                _LOG.info("retrying %d documents in %.1fs (attempt %d)", len(retry), delay, attempt + 1)
+                time.sleep(delay)
+                attempt += 1
+            pending = retry
+        return outcomes  # type: ignore[return-value]
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class WriteFn(BatchingDoFn):
+    """Buffers documents, flushes them with BulkWriter at a count or byte limit and at the
+    end of each bundle; permanent failures go to the `dead` output."""
+
+    def __init__(self, settings: ElasticsearchSettings, index: str, id_field: str, op: str, stage: str):
+        self._settings = settings
+        self._index = index
+        self._id_field = id_field
+        self._op = op
+        self._stage = stage
+        self.batch_size = settings.bulk_actions
+        self.max_batch_bytes = settings.bulk_bytes
+        self._written = Metrics.counter("newsbeam", f"{stage}_written")
+        self._existing = Metrics.counter("newsbeam", f"{stage}_already_present")
+        self._failed = Metrics.counter("newsbeam", f"{stage}_failed")
+        self._retried = Metrics.counter("newsbeam", f"{stage}_retried")
+
+    def setup(self) -> None:
+        self._client = connect(self._settings, check=False)
+        self._writer = BulkWriter(self._client, self._index, self._id_field, self._op,
+                                  on_retry=self._retried.inc)
+
+    def element_bytes(self, doc: dict[str, Any]) -> int:
+        # An estimate: the text fields dominate a document's size.
+        return sum(len(value) for value in doc.values() if isinstance(value, str)) + 512
+
+    def handle_batch(self, docs: list[dict[str, Any]]) -> Iterator[list[Any]]:
+        stamped = [{**doc, "indexed_at": _now_iso()} if self._op == "create" else doc for doc in docs]
+        outcomes = self._writer.write(stamped)
+        for doc, (outcome, detail) in zip(docs, outcomes):
+            if outcome == "written":
+                self._written.inc()
+                yield [doc[self._id_field]]
+            elif outcome == "exists":
+                self._existing.inc()
+                yield []
+            else:
+                self._failed.inc()
+                _LOG.warning("%s: %s rejected: %s", self._stage, doc.get(self._id_field), detail)
+                yield [beam.pvalue.TaggedOutput(DEAD, dead_letter(
+                    self._stage, "rejected_by_elasticsearch", detail, feed_url=doc.get("feed_url", ""),
+                    article_id=doc.get("article_id", ""), url=doc.get("url", ""),
+                    payload=json.dumps(doc, default=str)))]
+
+    def teardown(self) -> None:
+        self._client.close()
+
+
+class IndexArticles(beam.PTransform):
+    """Article dicts -> the articles alias (`create`, `_id` = article_id). Outputs the ids
+    written; rejected articles on the `dead` output."""
+
+    def __init__(self, settings: ElasticsearchSettings):
+        super().__init__()
+        self._settings = settings
+
+    def expand(self, articles):
+        return articles | "BulkCreate" >> beam.ParDo(
+            WriteFn(self._settings, self._settings.articles_alias, "article_id", "create", "index")
+        ).with_outputs(DEAD, main="indexed")
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Dead-letter records -> the dead-letter index, where people can search them by reason."""
+
+    def __init__(self, settings: ElasticsearchSettings):
+        super().__init__()
+        self._settings = settings
+
+    def expand(self, records):
+        logged = records | "Log" >> beam.Map(_log_dead_letter)
+        result = logged | "BulkIndex" >> beam.ParDo(
+            WriteFn(self._settings, self._settings.deadletter_index, "dead_letter_id", "index", "deadletter")
+        ).with_outputs(DEAD, main="written")
+        # A dead letter Elasticsearch itself refuses is logged in full, the last place left.
+        return result[DEAD] | "LogUnwritable" >> beam.Map(_log_dead_letter)
+
+
+def _log_dead_letter(record: dict[str, Any]) -> dict[str, Any]:
+    _LOG.warning("dead letter [%s/%s] %s %s", record.get("stage"), record.get("reason"),
+                 record.get("feed_url") or record.get("url"), record.get("error", "")[:300])
+    return record
