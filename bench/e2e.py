@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--per-feed", type=int, default=50)
     parser.add_argument("--es-url", default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds of polling; the run then drains everything fetched")
     parser.add_argument("beam_args", nargs="*", help="passed to newsbeam run (after --)")
     args = parser.parse_args()
     if not args.corpus.exists():
@@ -87,12 +89,16 @@ def main() -> int:
     config = Path(tempfile.mkdtemp()) / "pipeline.yaml"
     config.write_text(f"poll_interval: 3600\ntopics_file: {REPO / 'configs/topics.yaml'}\n"
                       f"elasticsearch:\n  url: {es_url}\n  articles_alias: {alias}-articles\n"
-                      f"  deadletter_index: {alias}-deadletters\n")
+                      f"  deadletter_index: {alias}-deadletters\n  feeds_index: {alias}-feeds\n"
+                      # One loopback host serves every feed: no politeness delay, fetch them all at once.
+                      "fetch:\n  allow_private_addresses: true\n  per_host_delay: 0.01\n"
+                      "  per_host_concurrency: 16\n")
     es = Elasticsearch(es_url, request_timeout=60)
     try:
         with FeedServer() as server:
             urls = [server.serve(f"/feed{i}.xml", body) for i, body in enumerate(as_feeds(records, args.per_feed))]
-            command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--duration", "1",
+            command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config),
+                       "--duration", str(args.duration),
                        *sum((["--feed", u] for u in urls), []), *args.beam_args]
             print(f"serving {len(records)} articles in {len(urls)} feeds; running newsbeam", file=sys.stderr)
             started = time.time()
@@ -101,7 +107,8 @@ def main() -> int:
         if run.returncode != 0:
             print(run.stderr[-3000:], file=sys.stderr)
             return 1
-        runner = next((line.split("runner: ", 1)[1] for line in run.stderr.splitlines() if "runner: " in line), "?")
+        runner = next((line.split("newsbeam: runner: ", 1)[1] for line in run.stderr.splitlines()
+                       if "newsbeam: runner: " in line), "?")
         es.indices.refresh(index=f"{alias}-articles")
         stats = es.search(index=f"{alias}-articles", size=0, aggs={
             "first_fetch": {"min": {"field": "fetched_at"}}, "last_index": {"max": {"field": "indexed_at"}}})

@@ -1,7 +1,10 @@
 """Assembles the streaming pipeline from settings:
 
-    PollFeeds -> FetchFeeds -> ParseEntries -> DedupeArticles -> CleanText
-        -> TagEntities -> TagTopics -> IndexArticles
+    PollFeeds (schedule, fetch, parse) -> DedupeArticles -> [FetchFullText] -> CleanText
+        -> LinkStories -> DetectLanguage -> TagEntities -> TagTopics -> MatchAlerts -> IndexArticles
+    MatchAlerts' alerts -> newsbeam-alerts, delivered by the outbox (transforms/delivery.py)
+    (articles in languages the spaCy model does not read pass TagEntities and TagTopics untagged)
+    PollFeeds' feed health -> WriteFeedHealth
     (every stage's dead letters) -> WriteDeadLetters
 
 Run it with `newsbeam run` (DirectRunner by default; `--runner FlinkRunner ...` on a cluster).
@@ -11,33 +14,43 @@ from __future__ import annotations
 import apache_beam as beam
 
 from pipeline.config import Settings
+from transforms.alerts import STORE_DEAD, MatchAlerts
 from transforms.clean import CleanText
 from transforms.deadletter import DEAD
 from transforms.dedupe import DedupeArticles
-from transforms.elastic import IndexArticles, WriteDeadLetters
+from transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth
 from transforms.entities import TagEntities
-from transforms.fetch import FetchFeeds
-from transforms.parse import ParseEntries
+from transforms.fulltext import FetchFullText
+from transforms.language import DetectLanguage, model_languages
+from transforms.neardup import LinkStories
 from transforms.poll import PollFeeds
 from transforms.topics import Taxonomy, TagTopics
 
 
 def enrich(articles, settings: Settings, taxonomy: Taxonomy):
     """Parsed articles -> (enriched articles, dead letters); the part shared by every source."""
-    unique = articles | "DedupeArticles" >> DedupeArticles()
+    unique = articles | "DedupeArticles" >> DedupeArticles(settings.elasticsearch, settings.dedupe.retention)
+    if any(feed.full_text for feed in settings.feeds):
+        unique = unique | "FetchFullText" >> FetchFullText(settings.feeds, settings.fetch)
     cleaned = unique | "CleanText" >> CleanText()
-    entities = cleaned.cleaned | "TagEntities" >> TagEntities(settings.nlp)
+    linked = cleaned.cleaned | "LinkStories" >> LinkStories(settings.elasticsearch, settings.dedupe)
+    # One stream through NER (marked, not split): on the FnApiRunner a Flatten waits for the end.
+    languages = linked | "DetectLanguage" >> DetectLanguage(model_languages(settings.nlp.model))
+    entities = languages | "TagEntities" >> TagEntities(settings.nlp)
     topics = entities.tagged | "TagTopics" >> TagTopics(taxonomy)
     return topics.tagged, (cleaned[DEAD], entities[DEAD], topics[DEAD])
 
 
 def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxonomy,
                    duration: float | None = None, fetch_shards: int = 8) -> beam.Pipeline:
-    shards = pipeline | "PollFeeds" >> PollFeeds(settings.feeds, settings.poll_interval, duration, fetch_shards)
-    fetched = shards | "FetchFeeds" >> FetchFeeds(settings.fetch)
-    parsed = fetched.fetched | "ParseEntries" >> ParseEntries(settings.fetch.max_items_per_feed)
-    enriched, enrich_dead = enrich(parsed.articles, settings, taxonomy)
-    indexed = enriched | "IndexArticles" >> IndexArticles(settings.elasticsearch)
-    dead = (fetched[DEAD], parsed[DEAD], *enrich_dead, indexed[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+    polled = pipeline | "PollFeeds" >> PollFeeds(settings.feeds, settings.poll_interval, settings.fetch,
+                                                 settings.elasticsearch, duration, fetch_shards)
+    health = polled.health | "WriteFeedHealth" >> WriteFeedHealth(settings.elasticsearch)
+    enriched, enrich_dead = enrich(polled.articles, settings, taxonomy)
+    # Alerts are stored before their article is indexed, so a restart (which skips indexed
+    # articles) never loses an alert.
+    alerts = enriched | "MatchAlerts" >> MatchAlerts(settings)
+    indexed = alerts["articles"] | "IndexArticles" >> IndexArticles(settings.elasticsearch)
+    dead = (polled[DEAD], *enrich_dead, alerts[DEAD], alerts[STORE_DEAD], indexed[DEAD], health[DEAD])
     dead | "WriteDeadLetters" >> WriteDeadLetters(settings.elasticsearch)
     return pipeline

@@ -16,15 +16,27 @@ from pipeline.config import ConfigError, Feed, Settings, load_feeds, load_settin
 _LOG = logging.getLogger("newsbeam")
 
 
+def _with_connection(settings: Settings, url: str | None, ca_certs: str | None) -> Settings:
+    """Command-line connection flags win over the environment and the config file."""
+    changes = {key: value for key, value in (("url", url), ("ca_certs", ca_certs)) if value}
+    if not changes:
+        return settings
+    return dataclasses.replace(settings, elasticsearch=dataclasses.replace(settings.elasticsearch, **changes))
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings for a subcommand with --config and optional --es-url / --es-ca-certs flags."""
+    return _with_connection(load_settings(args.config), getattr(args, "es_url", None),
+                            getattr(args, "es_ca_certs", None))
+
+
 def _settings_for_run(options) -> Settings:
     settings = load_settings(options.config)
     if options.feed:
         settings = dataclasses.replace(settings, feeds=tuple(Feed(url=url) for url in options.feed))
     elif options.feeds_file:
         settings = dataclasses.replace(settings, feeds=load_feeds(Path(options.feeds_file)))
-    if options.es_url:
-        settings = dataclasses.replace(settings, elasticsearch=dataclasses.replace(
-            settings.elasticsearch, url=options.es_url))
+    settings = _with_connection(settings, options.es_url, options.es_ca_certs)
     if options.poll_interval:
         settings = dataclasses.replace(settings, poll_interval=options.poll_interval)
     if not settings.feeds:
@@ -51,10 +63,12 @@ def _runner_used(result: Any, requested: str | None) -> str:
     if requested and requested not in ("DirectRunner", "direct"):
         return requested
     name = type(result).__name__
-    if "portability" in type(result).__module__:
-        return "PrismRunner (via DirectRunner)"
-    return {"DirectPipelineResult": "BundleBasedDirectRunner (via DirectRunner)",
-            "RunnerResult": "FnApiRunner (via DirectRunner; Prism unavailable)"}.get(name, name)
+    known = {"DirectPipelineResult": "BundleBasedDirectRunner (via DirectRunner)",
+             "RunnerResult": "FnApiRunner (via DirectRunner; Prism unavailable)"}
+    if name in known:
+        return known[name]
+    # Prism's result is the portable runner's PipelineResult.
+    return "PrismRunner (via DirectRunner)" if "portability" in type(result).__module__ else name
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -143,20 +157,32 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from transforms.elastic import connect
-    from transforms.search import format_hit, search_articles
+    from transforms.search import format_hit, page_summary, results_json, search_articles
 
-    settings = load_settings(args.config)
-    if args.es_url:
-        settings = dataclasses.replace(settings, elasticsearch=dataclasses.replace(settings.elasticsearch,
-                                                                                   url=args.es_url))
+    settings = _with_connection(load_settings(args.config), args.es_url, args.es_ca_certs)
     client = connect(settings.elasticsearch)
     response = search_articles(client, settings.elasticsearch.articles_alias, " ".join(args.query),
-                               topic=args.topic, entity=args.entity, since=args.since, limit=args.limit)
+                               topic=args.topic, entity=args.entity, since=args.since, limit=args.limit,
+                               page=args.page)
+    if args.json:
+        print(json.dumps(results_json(response, args.page, args.limit), ensure_ascii=False))
+        return 0
     hits = response["hits"]["hits"]
-    total = response["hits"]["total"]["value"]
+    emphasis = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("*", "*")
     for hit in hits:
-        print(format_hit(hit))
-    print(f"{len(hits)} of {total} matching article(s)", file=sys.stderr)
+        print(format_hit(hit, emphasis))
+    print(page_summary(len(hits), response["hits"]["total"]["value"], args.page, args.limit), file=sys.stderr)
+    return 0
+
+
+def cmd_kibana(args: argparse.Namespace) -> int:
+    from pipeline.kibana import DASHBOARD_ID, setup
+
+    result = setup(args.kibana_url, args.space)
+    counts = ", ".join(f"{count} {kind}" for kind, count in sorted(result.imported.items()))
+    space = f"/s/{args.space}" if args.space else ""
+    print(f"imported {result.total} saved objects ({counts}) into Kibana {result.version} at {result.kibana_url}; "
+          f"open {result.kibana_url}{space}/app/dashboards#/view/{DASHBOARD_ID}")
     return 0
 
 
@@ -173,21 +199,52 @@ def parser() -> argparse.ArgumentParser:
     tag.add_argument("--input", default="-", help="JSON lines file, or - for stdin")
     tag.add_argument("--output", default="-", help="output file, or - for stdout")
     tag.add_argument("--config", default=None)
+    evaluate = sub.add_parser("eval", help="tagging quality (precision, recall, F1) on labelled news, "
+                                           "through the same code as `newsbeam tag`")
+    evaluate.add_argument("what", choices=("topics", "entities"))
+    evaluate.add_argument("--dataset", choices=("all", "disaster-response", "recovery"), default="all",
+                          help="topics only (default all)")
+    evaluate.add_argument("--corpus", default=None, help="folder with topics/, articles/, entities/ "
+                                                         "(default ../shared/corpus)")
+    evaluate.add_argument("--seed", default=None, help="seed article (default ../shared/seed-article.txt)")
+    evaluate.add_argument("--misses", type=int, default=5, help="worst misses shown per topic or kind")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--config", default=None)
     search = sub.add_parser("search", help="search indexed articles")
     search.add_argument("query", nargs="*", help="words; AND by default; quotes for phrases")
     search.add_argument("--topic")
     search.add_argument("--entity", help="canonical entity name, e.g. 'Vladimir Putin'")
     search.add_argument("--since", help="a date (2026-01-31) or a relative time (7d, 12h)")
-    search.add_argument("--limit", type=int, default=10)
+    search.add_argument("--limit", type=int, default=10, help="articles per page (default 10)")
+    search.add_argument("--page", type=int, default=1, help="which page of --limit articles (default 1)")
+    search.add_argument("--json", action="store_true", help="print one JSON document: total, page, articles "
+                                                            "with highlighted fragments")
     search.add_argument("--config", default=None)
     search.add_argument("--es-url", dest="es_url", default=None)
+    search.add_argument("--es-ca-certs", dest="es_ca_certs", default=None)
+    kibana = sub.add_parser("kibana", help="Kibana: import the data views, saved searches and dashboards")
+    kibana_sub = kibana.add_subparsers(dest="kibana_command", required=True)
+    kibana_setup = kibana_sub.add_parser(
+        "setup", help="import deploy/kibana/*.ndjson (overwrites; safe to repeat)",
+        description="Credentials from KIBANA_USERNAME/KIBANA_PASSWORD, else ELASTICSEARCH_API_KEY, else "
+                    "ELASTICSEARCH_USERNAME/ELASTICSEARCH_PASSWORD.")
+    kibana_setup.add_argument("--kibana-url", dest="kibana_url", default=None,
+                              help="default: $KIBANA_URL, else http://127.0.0.1:5601")
+    kibana_setup.add_argument("--space", default=None, help="Kibana space id (default: the default space)")
+    from pipeline import feeds_cli
+    feeds_cli.add_parser(sub)
+    from pipeline import alerts_cli
+    alerts_cli.add_parser(sub)
+    from pipeline import ops_cli
+    ops_cli.add_parsers(sub)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, _ = parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # force: importing Beam (while building the parser) may already have configured the root logger.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("elastic_transport", "urllib3", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -197,6 +254,20 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(argv[argv.index("run") + 1:])
         if args.command == "tag":
             return cmd_tag(args)
+        if args.command == "kibana":
+            return cmd_kibana(args)
+        if args.command == "feeds":
+            from pipeline import feeds_cli
+            return feeds_cli.run(args)
+        if args.command == "alerts":
+            from pipeline import alerts_cli
+            return alerts_cli.run(args)
+        if args.command in ("status", "es"):
+            from pipeline import ops_cli
+            return ops_cli.run(args)
+        if args.command == "eval":
+            from pipeline import evaluate
+            return evaluate.main(args)
         return cmd_search(args)
     except (ConfigError, ElasticsearchUnavailable, RuntimeError) as err:
         print(f"newsbeam: error: {err}", file=sys.stderr)

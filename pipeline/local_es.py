@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -128,10 +129,11 @@ class Instance:
     security: bool = False
     username: str = ""
     password: str = ""
+    ca_certs: str = ""  # set when HTTP is served over TLS
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_certs else 'http'}://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0) -> dict:
         request = urllib.request.Request(self.url + path, method=method,
@@ -140,7 +142,8 @@ class Instance:
         if self.security:
             token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        context = ssl.create_default_context(cafile=self.ca_certs) if self.ca_certs else None
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return json.loads(response.read() or b"{}")
 
     def save(self) -> None:
@@ -173,9 +176,29 @@ def _pid(directory: Path) -> int | None:
         return None
 
 
+def _make_certificates(home: Path, config: Path, env: dict[str, str]) -> Path:
+    """A CA and a node certificate for 127.0.0.1/localhost, made with the zip's certutil."""
+    certs = config / "certs"
+    if (certs / "ca" / "ca.crt").exists():
+        return certs
+    certs.mkdir(parents=True, exist_ok=True)
+    certutil = str(home / "bin" / "elasticsearch-certutil")
+    subprocess.run([certutil, "ca", "--pem", "--silent", "--out", str(certs / "ca.zip")], env=env, check=True,
+                   capture_output=True)
+    subprocess.run(["unzip", "-q", "-o", str(certs / "ca.zip"), "-d", str(certs)], check=True)
+    subprocess.run([certutil, "cert", "--pem", "--silent", "--ca-cert", str(certs / "ca" / "ca.crt"),
+                    "--ca-key", str(certs / "ca" / "ca.key"), "--ip", "127.0.0.1", "--dns", "localhost",
+                    "--name", "node", "--out", str(certs / "node.zip")], env=env, check=True, capture_output=True)
+    subprocess.run(["unzip", "-q", "-o", str(certs / "node.zip"), "-d", str(certs)], check=True)
+    return certs
+
+
 def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = False, heap: str = "512m",
-          username: str = "newsbeam-admin", password: str = "newsbeam-secret", timeout: float = 180.0) -> Instance:
-    """Starts a single-node server bound to 127.0.0.1 and waits for yellow/green health."""
+          username: str = "newsbeam-admin", password: str = "newsbeam-secret", timeout: float = 180.0,
+          tls: bool = False) -> Instance:
+    """Starts a single-node server bound to 127.0.0.1 and waits for yellow/green health.
+    `tls` serves HTTPS with a CA made by elasticsearch-certutil (implies `security`)."""
+    security = security or tls
     home = fetch()
     directory = directory.resolve()
     if _pid(directory):
@@ -197,12 +220,21 @@ def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = Fals
         "cluster.routing.allocation.disk.threshold_enabled": False,
         "action.destructive_requires_name": False,
     }
-    (config / "elasticsearch.yml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
     env = {**os.environ, "ES_PATH_CONF": str(config), "ES_JAVA_HOME": str(java_home()),
            "ES_JAVA_OPTS": f"-Xms{heap} -Xmx{heap}"}
     env.pop("JAVA_HOME", None)
+    ca_certs = ""
+    if tls:
+        certs = _make_certificates(home, config, {**env, "ES_JAVA_OPTS": ""})
+        settings.update({"xpack.security.http.ssl.enabled": True,
+                         "xpack.security.http.ssl.key": str(certs / "node" / "node.key"),
+                         "xpack.security.http.ssl.certificate": str(certs / "node" / "node.crt"),
+                         "xpack.security.http.ssl.certificate_authorities": [str(certs / "ca" / "ca.crt")]})
+        ca_certs = str(certs / "ca" / "ca.crt")
+    (config / "elasticsearch.yml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
     prefix = _run_as_user()
-    instance = Instance(directory, port, security, username if security else "", password if security else "")
+    instance = Instance(directory, port, security, username if security else "", password if security else "",
+                        ca_certs)
     if security:
         # File-realm users and roles: they need no .security index, which the bare server
         # cannot create (its mappings use analyzers from the absent analysis-common module).
@@ -237,7 +269,7 @@ def wait(instance: Instance, timeout: float = 180.0) -> None:
             break
         time.sleep(1)
     tail = ""
-    for name in ("startup.log", f"logs/newsbeam-local.log"):
+    for name in ("startup.log", "logs/newsbeam-local.log"):
         path = instance.directory / name
         if path.exists():
             tail += path.read_text(errors="replace")[-3000:]
@@ -265,12 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9200)
     parser.add_argument("--heap", default="512m")
     parser.add_argument("--security", action="store_true", help="enable x-pack security (basic auth user)")
+    parser.add_argument("--tls", action="store_true", help="serve HTTPS with a generated CA (implies --security)")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
             print(fetch())
         elif args.command == "start":
-            print(start(args.dir, args.port, args.security, args.heap).url)
+            instance = start(args.dir, args.port, args.security, args.heap, tls=args.tls)
+            print(instance.url)
+            if instance.ca_certs:
+                _say(f"CA certificate: {instance.ca_certs} (ELASTICSEARCH_CA_CERTS)")
         elif args.command == "stop":
             stop(args.dir)
         else:

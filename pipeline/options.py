@@ -16,6 +16,8 @@ class NewsbeamOptions(PipelineOptions):
                             help="a YAML feed list to poll instead of the configured one")
         parser.add_argument("--es-url", "--es_url", dest="es_url", default=None,
                             help="Elasticsearch URL (default: $ELASTICSEARCH_URL or the config)")
+        parser.add_argument("--es-ca-certs", "--es_ca_certs", dest="es_ca_certs", default=None,
+                            help="CA bundle to verify Elasticsearch's TLS certificate (or $ELASTICSEARCH_CA_CERTS)")
         parser.add_argument("--duration", type=float, default=None,
                             help="stop cleanly after this many seconds, flushing what is in flight")
         parser.add_argument("--poll-interval", "--poll_interval", dest="poll_interval", type=float,

@@ -47,9 +47,10 @@ def es(es_url) -> Elasticsearch:
 
 @pytest.fixture(scope="session")
 def secure_es_node():
-    """A second node with security on (file-realm superuser made with elasticsearch-users)."""
+    """A second node with security on and HTTPS (CA from elasticsearch-certutil; file-realm
+    users made with elasticsearch-users)."""
     directory = Path(tempfile.mkdtemp(prefix="newsbeam-test-secure-es-"))
-    instance = local_es.start(directory, port=local_es.free_port(), security=True)
+    instance = local_es.start(directory, port=local_es.free_port(), security=True, tls=True)
     try:
         yield instance
     finally:
@@ -62,7 +63,8 @@ def es_settings(es_url) -> ElasticsearchSettings:
     """Per-test index names, so tests never see each other's documents."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     return ElasticsearchSettings(url=es_url, articles_alias=f"{prefix}-articles",
-                                 deadletter_index=f"{prefix}-deadletters", bulk_actions=50)
+                                 deadletter_index=f"{prefix}-deadletters", feeds_index=f"{prefix}-feeds",
+                                 bulk_actions=50)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """`newsbeam run` as a user runs it: a subprocess polling a feed server on loopback,
 streaming into the real Elasticsearch, then `newsbeam search`."""
+import json
 import os
 import subprocess
 import sys
@@ -17,9 +18,14 @@ def write_config(tmp_path: Path, es_settings, poll_interval: float) -> Path:
     config = yaml.safe_load((REPO / "configs" / "pipeline.yaml").read_text())
     config["poll_interval"] = poll_interval
     config["topics_file"] = str(REPO / "configs" / "topics.yaml")
+    if config.get("nlp", {}).get("gazetteer"):  # the copy lives elsewhere: keep paths pointing at configs/
+        config["nlp"]["gazetteer"] = str(REPO / "configs" / config["nlp"]["gazetteer"])
     config.pop("feeds_file")
     config["elasticsearch"].update(url=es_settings.url, articles_alias=es_settings.articles_alias,
-                                   deadletter_index=es_settings.deadletter_index)
+                                   deadletter_index=es_settings.deadletter_index,
+                                   feeds_index=es_settings.feeds_index)
+    config["fetch"]["allow_private_addresses"] = True  # the test feeds are served on 127.0.0.1
+    config["fetch"]["unchanged_backoff_max"] = 1  # poll on the interval: the tests time new items
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -44,11 +50,26 @@ def test_run_indexes_feed_items_once_and_picks_up_new_ones(tmp_path, es, es_sett
         items.append(fixtures["late"])
         added_at.append(time.time())
 
+    def watch_dead_letters():
+        while not finished:
+            if es.indices.exists(index=es_settings.deadletter_index) and \
+                    es.count(index=es_settings.deadletter_index)["count"]:
+                dead_seen.append(time.time())
+                return
+            time.sleep(1)
+
     added_at: list[float] = []
+    dead_seen: list[float] = []
+    finished: list[bool] = []
     threading.Thread(target=add_item_later, daemon=True).start()
+    threading.Thread(target=watch_dead_letters, daemon=True).start()
     run = newsbeam("run", "--config", str(config), "--feed", feed, "--feed", duplicate_feed,
                    "--feed", broken_feed, "--duration", "32")
+    finished.append(True)
+    ended = time.time()
     assert run.returncode == 0, run.stderr[-3000:]
+    # Dead letters are searchable while the stream runs, not only when it stops.
+    assert dead_seen and dead_seen[0] < ended - 10
     assert "runner:" in run.stderr
     assert feed_server.hits["/world.xml"] >= 5  # polled repeatedly, not once
 
@@ -77,8 +98,10 @@ def test_run_indexes_feed_items_once_and_picks_up_new_ones(tmp_path, es, es_sett
 
     search = newsbeam("search", "ventilators", "--config", str(config))
     assert search.returncode == 0, search.stderr
-    assert fixtures["ventilators"]["title"] in search.stdout
+    assert "*ventilators*" in search.stdout  # highlighted (plain-text emphasis off a terminal)
     assert "medical equipment aid" in search.stdout
+    found = json.loads(newsbeam("search", "ventilators", "--json", "--config", str(config)).stdout)
+    assert [a["title"] for a in found["articles"]] == [fixtures["ventilators"]["title"]]
     by_entity = newsbeam("search", "--entity", "vladimir putin", "--config", str(config))
     assert fixtures["ventilators"]["title"] in by_entity.stdout
     assert fixtures["floods"]["title"] not in by_entity.stdout

@@ -1,4 +1,4 @@
-"""FetchFeeds against a real HTTP server on loopback."""
+"""The guarded HTTP client (transforms/fetch.py) against a real HTTP server on loopback."""
 import time
 
 import pytest
@@ -6,7 +6,8 @@ import pytest
 from pipeline.config import Feed, FetchSettings
 from transforms.fetch import FetchError, fetch, new_session, shard_feeds
 
-FAST = FetchSettings(connect_timeout=2, read_timeout=1, total_timeout=3, max_bytes=50_000, concurrency=4)
+FAST = FetchSettings(connect_timeout=2, read_timeout=1, total_timeout=3, max_bytes=50_000, concurrency=4,
+                     allow_private_addresses=True)
 
 
 def test_fetch_returns_body_headers_and_sends_our_user_agent(feed_server):

@@ -1,5 +1,6 @@
 """Elasticsearch with security on (file-realm users made with the zip's elasticsearch-users):
 credentials come only from the environment and are never echoed."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -19,7 +20,17 @@ def secure_settings(secure_es_node, monkeypatch):
     for name in SECRET_NAMES:
         monkeypatch.delenv(name, raising=False)
     return ElasticsearchSettings(url=secure_es_node.url, articles_alias="secure-articles",
-                                 deadletter_index="secure-deadletters")
+                                 deadletter_index="secure-deadletters", ca_certs=secure_es_node.ca_certs)
+
+
+def test_tls_is_verified_against_the_ca(secure_es_node, secure_settings, monkeypatch):
+    assert secure_settings.url.startswith("https://")
+    monkeypatch.setenv("ELASTICSEARCH_USERNAME", secure_es_node.username)
+    monkeypatch.setenv("ELASTICSEARCH_PASSWORD", secure_es_node.password)
+    connect(secure_settings)  # verified with the CA
+    unverified = dataclasses.replace(secure_settings, ca_certs=None)
+    with pytest.raises(ElasticsearchUnavailable, match="cannot reach Elasticsearch at https://.*(TLS|SSL|certificate)"):
+        connect(unverified)
 
 
 def test_without_credentials_the_error_says_what_to_set(secure_settings):
@@ -52,6 +63,7 @@ def test_an_api_key_is_sent_from_the_environment(secure_settings, monkeypatch):
 def test_wrong_password_is_one_line_and_never_echoed(secure_es_node):
     env = {k: v for k, v in os.environ.items() if k not in SECRET_NAMES}
     env.update(ELASTICSEARCH_USERNAME=secure_es_node.username, ELASTICSEARCH_PASSWORD="wrong-Secret-42")
+    env["ELASTICSEARCH_CA_CERTS"] = secure_es_node.ca_certs
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", "x", "--es-url", secure_es_node.url],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

@@ -1,11 +1,12 @@
 """Entities and topics, through the same functions the pipeline uses."""
 import pytest
 
-from pipeline.config import ConfigError, NlpSettings
+from pipeline.config import ConfigError, NlpSettings, load_settings
 from tests.feedserver import fixture_articles
 from transforms.clean import clean_article
-from transforms.entities import canonical_entities, strip_mention, tag_entities
-from transforms.topics import Taxonomy, tag_topics
+from transforms.entities import (canonical_entities, load_gazetteer, load_model, strip_mention, tag_entities,
+                                 truecase_headlines)
+from transforms.topics import Taxonomy, score_article, tag_topics
 from tests.conftest import REPO
 
 
@@ -80,3 +81,137 @@ def test_taxonomy_errors_name_the_problem(tmp_path):
     bad.write_text("topics: []\n")
     with pytest.raises(ConfigError, match="non-empty list"):
         Taxonomy.load(bad)
+
+
+# --- entities: true-casing, trimmed spans, gazetteer ----------------------------------------
+
+def test_truecasing_keeps_offsets_and_uses_the_articles_own_spelling():
+    text = ("CRICKET - LEICESTERSHIRE BEAT SOMERSET IN LONDON\nLONDON 1996-08-30\n"
+            "Leicestershire beat Somerset by an innings in London, NATO said.")
+    cased = truecase_headlines(text)
+    assert len(cased) == len(text)
+    assert cased.splitlines()[:2] == ["Cricket - Leicestershire beat Somerset in London", "London 1996-08-30"]
+    # Title Case headlines: words the article writes in lower case are lowered, names kept.
+    headline = truecase_headlines("FDA Adds Malaria Drugs To Stockpile\n\nThe FDA added two drugs to the stockpile.")
+    assert headline.startswith("FDA Adds Malaria drugs to stockpile")
+    # An all-caps word in an ordinary line only takes a capitalised spelling ("US" never becomes "us").
+    assert truecase_headlines("WASHINGTON - The US said.\nWashington and us.") == "Washington - The US said.\nWashington and us."
+
+
+def test_shouted_headline_entities_are_found(nlp):
+    (article,) = tag_entities(nlp, [{"title": "TRUMP PROMISES PUTIN VENTILATORS FOR RUSSIA",
+                                     "body": "President Donald Trump told Vladimir Putin that Russia would get "
+                                             "ventilators."}], NlpSettings())
+    assert {"Donald Trump", "Vladimir Putin"} <= set(article["persons"])
+    assert "Russia" in article["locations"]
+    # The headline is the first line of the lemmas, true-cased before lemmatising.
+    assert article["lemmas"].split("\n")[0] == "trump promise putin ventilator for russia"
+
+
+def test_mentions_are_spans_without_titles_or_possessives(nlp):
+    (article,) = tag_entities(nlp, [{"title": "", "body": "President Donald Trump's call with the U.S. envoy."}],
+                              NlpSettings(), with_mentions=True)
+    by_name = {m["name"]: m for m in article["mentions"]}
+    trump = by_name["Donald Trump"]
+    assert (trump["text"], trump["label"]) == ("Donald Trump", "PERSON")
+    assert article["body"][trump["start"]:trump["end"]] == "Donald Trump"
+    us = by_name["United States"]
+    assert article["body"][us["start"]:us["end"]] == "U.S."
+
+
+def test_gazetteer_names_are_tagged_under_their_canonical_name(tmp_path):
+    gazetteer = tmp_path / "entities.yaml"
+    gazetteer.write_text("entities:\n  - name: Médecins Sans Frontières\n    label: ORG\n"
+                         "    aliases: [MSF, Doctors Without Borders]\n")
+    nlp = load_model(gazetteer=gazetteer)
+    assert nlp.pipe_names.index("gazetteer") < nlp.pipe_names.index("ner")
+    entities = canonical_entities(nlp("MSF flew tents to Haiti. Doctors Without Borders said more would follow."))
+    msf = next(e for e in entities if e["name"] == "Médecins Sans Frontières")
+    assert (msf["label"], msf["count"]) == ("ORG", 2)
+
+
+def test_gazetteer_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "entities.yaml"
+    bad.write_text("entities:\n  - name: Acme\n    label: COMPANY\n")
+    with pytest.raises(ConfigError, match=r"entity #1 \(Acme\).*label"):
+        load_gazetteer(bad)
+    bad.write_text("entities: {}\n")
+    with pytest.raises(ConfigError, match="list under 'entities'"):
+        load_gazetteer(bad)
+
+
+def test_gazetteer_setting_is_relative_to_the_settings_file(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("nlp:\n  gazetteer: names.yaml\n")
+    assert load_settings(tmp_path / "pipeline.yaml").nlp.gazetteer == str(tmp_path / "names.yaml")
+    assert load_settings(REPO / "configs" / "pipeline.yaml").nlp.gazetteer.endswith("entities.yaml")
+
+
+# --- topics: passages, headline, counter-evidence, numbers ------------------------------------
+
+PASSAGE_TOPIC = """topics:
+  - name: aid
+    scope: passage
+    threshold: 2
+    headline_weight: 2
+    headline_terms: false
+    body_weight: 0.5
+    terms: {ventilator: 1, wear: -1}
+    near:
+      - {window: 5, weight: 1.5, groups: [[send, donate], [ventilator, mask]]}
+      - {window: 2, weight: 0.5, groups: [["#number"], [ventilator, mask]]}
+"""
+
+
+def aid_score(tmp_path, title: str, lemmas: str):
+    path = tmp_path / "topics.yaml"
+    path.write_text(PASSAGE_TOPIC)
+    (score,) = score_article(Taxonomy.load(path), {"title": title, "lemmas": lemmas, "entities": []})
+    return score
+
+
+def test_passage_scope_scores_headline_and_best_paragraph(tmp_path):
+    # Headline: near rules only (2 x (1.5 + 0.5)); best paragraph x body_weight (0.5 x 3).
+    score = aid_score(tmp_path, "US sends ventilators", "us send 200 ventilator\nthe us send 200 ventilator to russia\n"
+                                                        "ventilator be scarce")
+    assert score.score == 5.5 and score.tagged
+    assert score.evidence[:2] == ("near:send ~ ventilator(title)", "near:#number ~ ventilator(title)")
+    # The same words spread over paragraphs do not add up; a bare noun in a headline is no evidence.
+    scattered = aid_score(tmp_path, "Ventilators", "ventilator\nthey send help\nventilator again")
+    assert scattered.score == 0.5 and not scattered.tagged
+    # Without a headline (a message) the best paragraph counts in full.
+    assert aid_score(tmp_path, "", "donate 5 mask").score == 2.0
+
+
+def test_counter_evidence_lowers_the_score_and_is_recorded(tmp_path):
+    score = aid_score(tmp_path, "", "you must wear a mask donate by a ventilator maker")
+    assert "-term:wear" in score.evidence
+    assert score.score == 1.5  # ventilator 1 + send/donate rule 1.5 - wear 1
+
+
+def test_taxonomy_rejects_bad_scope_and_flags(tmp_path):
+    bad = tmp_path / "topics.yaml"
+    bad.write_text("topics:\n  - name: x\n    scope: sentence\n    terms: [a]\n")
+    with pytest.raises(ConfigError, match=r"\(x\).*scope"):
+        Taxonomy.load(bad)
+    bad.write_text("topics:\n  - name: x\n    headline_terms: maybe\n    terms: [a]\n")
+    with pytest.raises(ConfigError, match="headline_terms"):
+        Taxonomy.load(bad)
+    bad.write_text("topics:\n  - name: x\n    terms: {a: heavy}\n")
+    with pytest.raises(ConfigError, match="weights must be numbers"):
+        Taxonomy.load(bad)
+
+
+def test_aid_topic_ignores_look_alikes(nlp, taxonomy):
+    def topics(title, body):
+        (article,) = tag_entities(nlp, [{"title": title, "body": body}], NlpSettings())
+        return tag_topics(taxonomy, article)["topics"]
+
+    assert "medical equipment aid" in topics(
+        "Chinese Americans in Chicago donate 1 million surgical masks to first responders",
+        "Business leaders donated one million surgical masks to Chicago firefighters and police on Monday.")
+    assert "medical equipment aid" not in topics(
+        "Passengers must wear masks on major airlines",
+        "Airlines in the United States will require passengers to wear masks on all flights.")
+    assert "medical equipment aid" not in topics(
+        "Ford joins effort to make ventilators",
+        "Ford Motor Co said it would build 50,000 ventilators in Michigan with General Electric.")

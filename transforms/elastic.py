@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -40,6 +40,10 @@ ARTICLE_MAPPINGS: dict[str, Any] = {
         "lemmas": {"type": "text"},
         "feed_url": _KEYWORD, "source": _KEYWORD, "publisher": _KEYWORD, "author": _KEYWORD,
         "language": _KEYWORD,
+        # Syndicated copies share a story_id (transforms/neardup.py); the bands find them.
+        "story_id": _KEYWORD, "story_bands": _KEYWORD,
+        "story_minhash": {"type": "keyword", "index": False, "doc_values": False},
+        "body_source": _KEYWORD, "nlp_skipped": {"type": "boolean"},
         "published_at": _DATE, "fetched_at": _DATE, "indexed_at": _DATE,
         "entities": {"properties": {"name": _KEYWORD, "label": _KEYWORD, "text": _KEYWORD,
                                     "count": {"type": "integer"}}},
@@ -60,8 +64,37 @@ DEADLETTER_MAPPINGS: dict[str, Any] = {
 }
 
 
+FEED_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {
+        "feed_id": _KEYWORD, "feed_url": _KEYWORD, "final_url": _KEYWORD, "name": _KEYWORD,
+        "publisher": _KEYWORD, "host": _KEYWORD, "last_attempt": _DATE, "last_success": _DATE,
+        "last_change": _DATE, "next_poll": _DATE, "updated_at": _DATE, "http_status": {"type": "integer"},
+        "error_class": _KEYWORD, "error": {"type": "text"}, "consecutive_failures": {"type": "integer"},
+        "unchanged_polls": {"type": "integer"}, "items_seen": {"type": "integer"}, "dead": {"type": "boolean"},
+        "refresh_hint_seconds": {"type": "float"}, "last_lag_seconds": {"type": "float"},
+        "etag": {"type": "keyword", "index": False}, "last_modified": {"type": "keyword", "index": False},
+        "body_hash": {"type": "keyword", "index": False}, "items_hash": {"type": "keyword", "index": False},
+    },
+}
+
+
 class ElasticsearchUnavailable(RuntimeError):
     """Elasticsearch cannot be reached or refused our credentials; the message is one line."""
+
+
+def secret(name: str) -> str:
+    """A secret from $NAME, or from the file named by $NAME_FILE (Docker/Kubernetes secrets)."""
+    if os.environ.get(name):
+        return os.environ[name]
+    path = os.environ.get(f"{name}_FILE")
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as err:
+        raise ElasticsearchUnavailable(f"cannot read {name}_FILE ({path}): {err.strerror}") from None
 
 
 def client_kwargs(settings: ElasticsearchSettings) -> dict[str, Any]:
@@ -69,10 +102,11 @@ def client_kwargs(settings: ElasticsearchSettings) -> dict[str, Any]:
     the command line or the pipeline graph."""
     kwargs: dict[str, Any] = {"request_timeout": settings.request_timeout, "max_retries": 0,
                               "retry_on_timeout": False}
-    if os.environ.get("ELASTICSEARCH_API_KEY"):
-        kwargs["api_key"] = os.environ["ELASTICSEARCH_API_KEY"]
+    api_key = secret("ELASTICSEARCH_API_KEY")
+    if api_key:
+        kwargs["api_key"] = api_key
     elif os.environ.get("ELASTICSEARCH_USERNAME"):
-        kwargs["basic_auth"] = (os.environ["ELASTICSEARCH_USERNAME"], os.environ.get("ELASTICSEARCH_PASSWORD", ""))
+        kwargs["basic_auth"] = (os.environ["ELASTICSEARCH_USERNAME"], secret("ELASTICSEARCH_PASSWORD"))
     if settings.ca_certs:
         kwargs["ca_certs"] = settings.ca_certs
     return kwargs
@@ -117,16 +151,18 @@ def _bootstrap_alias(client: Elasticsearch, alias: str) -> None:
 
 
 def ensure_indices(client: Elasticsearch, settings: ElasticsearchSettings) -> None:
-    """Creates (idempotently) the index templates, the articles alias and the dead-letter index."""
+    """Creates (idempotently) the index templates, the articles alias, the dead-letter and feed-health indices."""
     _put_template(client, settings.articles_alias, f"{settings.articles_alias}-*", ARTICLE_MAPPINGS)
     _put_template(client, settings.deadletter_index, settings.deadletter_index, DEADLETTER_MAPPINGS)
+    _put_template(client, settings.feeds_index, settings.feeds_index, FEED_MAPPINGS)
     _bootstrap_alias(client, settings.articles_alias)
-    if not client.indices.exists(index=settings.deadletter_index):
-        try:
-            client.indices.create(index=settings.deadletter_index)
-        except ApiError as err:
-            if err.error != "resource_already_exists_exception":
-                raise
+    for index in (settings.deadletter_index, settings.feeds_index):
+        if not client.indices.exists(index=index):
+            try:
+                client.indices.create(index=index)
+            except ApiError as err:
+                if err.error != "resource_already_exists_exception":
+                    raise
 
 
 class BulkWriter:
@@ -189,12 +225,19 @@ def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _unchecked_client(settings: ElasticsearchSettings) -> Elasticsearch:
+    return connect(settings, check=False)
+
+
 class WriteFn(BatchingDoFn):
     """Buffers documents, flushes them with BulkWriter at a count or byte limit and at the
     end of each bundle; permanent failures go to the `dead` output."""
 
-    def __init__(self, settings: ElasticsearchSettings, index: str, id_field: str, op: str, stage: str):
+    def __init__(self, settings: ElasticsearchSettings, index: str, id_field: str, op: str, stage: str,
+                 client_factory: Callable[[ElasticsearchSettings], Any] | None = None):
         self._settings = settings
+        # Tests pass a factory that wraps the real client to inject failures.
+        self._client_factory = client_factory
         self._index = index
         self._id_field = id_field
         self._op = op
@@ -207,7 +250,7 @@ class WriteFn(BatchingDoFn):
         self._retried = Metrics.counter("newsbeam", f"{stage}_retried")
 
     def setup(self) -> None:
-        self._client = connect(self._settings, check=False)
+        self._client = (self._client_factory or _unchecked_client)(self._settings)
         self._writer = BulkWriter(self._client, self._index, self._id_field, self._op,
                                   on_retry=self._retried.inc)
 
@@ -241,30 +284,53 @@ class IndexArticles(beam.PTransform):
     """Article dicts -> the articles alias (`create`, `_id` = article_id). Outputs the ids
     written; rejected articles on the `dead` output."""
 
-    def __init__(self, settings: ElasticsearchSettings):
+    def __init__(self, settings: ElasticsearchSettings,
+                 client_factory: Callable[[ElasticsearchSettings], Any] | None = None):
         super().__init__()
         self._settings = settings
+        self._client_factory = client_factory
 
     def expand(self, articles):
         return articles | "BulkCreate" >> beam.ParDo(
-            WriteFn(self._settings, self._settings.articles_alias, "article_id", "create", "index")
+            WriteFn(self._settings, self._settings.articles_alias, "article_id", "create", "index",
+                    self._client_factory)
         ).with_outputs(DEAD, main="indexed")
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Dead-letter records -> the dead-letter index, where people can search them by reason."""
+    """Dead-letter records (one PCollection or a tuple of them) -> the dead-letter index,
+    where people can search them by reason.
+
+    Each input gets its own writer instead of one Flatten: on the FnApiRunner (the local
+    fallback) a multi-input Flatten releases nothing until the whole run ends."""
 
     def __init__(self, settings: ElasticsearchSettings):
         super().__init__()
         self._settings = settings
 
     def expand(self, records):
-        logged = records | "Log" >> beam.Map(_log_dead_letter)
-        result = logged | "BulkIndex" >> beam.ParDo(
-            WriteFn(self._settings, self._settings.deadletter_index, "dead_letter_id", "index", "deadletter")
+        unwritable = []
+        for number, pcoll in enumerate(records if isinstance(records, tuple) else (records,)):
+            logged = pcoll | f"Log{number}" >> beam.Map(_log_dead_letter)
+            result = logged | f"BulkIndex{number}" >> beam.ParDo(
+                WriteFn(self._settings, self._settings.deadletter_index, "dead_letter_id", "index", "deadletter")
+            ).with_outputs(DEAD, main="written")
+            # A dead letter Elasticsearch itself refuses is logged in full, the last place left.
+            unwritable.append(result[DEAD] | f"LogUnwritable{number}" >> beam.Map(_log_dead_letter))
+        return tuple(unwritable)
+
+
+class WriteFeedHealth(beam.PTransform):
+    """Feed health documents -> the feeds index (`_id` = feed_id, latest attempt wins)."""
+
+    def __init__(self, settings: ElasticsearchSettings):
+        super().__init__()
+        self._settings = settings
+
+    def expand(self, docs):
+        return docs | "BulkIndex" >> beam.ParDo(
+            WriteFn(self._settings, self._settings.feeds_index, "feed_id", "index", "feedhealth")
         ).with_outputs(DEAD, main="written")
-        # A dead letter Elasticsearch itself refuses is logged in full, the last place left.
-        return result[DEAD] | "LogUnwritable" >> beam.Map(_log_dead_letter)
 
 
 def _log_dead_letter(record: dict[str, Any]) -> dict[str, Any]:

@@ -2,23 +2,29 @@
 
 Canonical names: titles and possessives stripped, country variants unified
 ("US", "U.S.", "the United States" -> "United States"), and in-document aliases resolved
-to the longest mention ("Trump" -> "Donald Trump"). A few systematic errors of the small
-English model are corrected (a surname tagged ORG after its full name was tagged PERSON,
-a name after a role noun such as "host", virus names tagged as people).
+to the longest mention ("Trump" -> "Donald Trump"). Systematic errors of the small English
+model found on the CoNLL-2003 development set (`newsbeam eval entities`) are corrected:
+ALL-CAPS headlines and datelines are true-cased before NER (the model leans on
+capitalisation), a surname tagged ORG after its full name was tagged PERSON, a name after
+a role noun such as "host", virus and drug names tagged as people. An optional gazetteer
+(`nlp.gazetteer`, e.g. configs/entities.yaml) tags names that matter to the user with
+spaCy's EntityRuler, under their canonical name.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from pipeline.config import DEFAULT_MODEL, FALLBACK_MODEL, NlpSettings
+from pipeline.config import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
 from transforms.batching import BatchingDoFn
 from transforms.deadletter import DEAD, dead_letter
 
@@ -52,16 +58,34 @@ COUNTRY_ALIASES = {
     "eu": "European Union", "e.u.": "European Union", "un": "United Nations", "u.n.": "United Nations",
     "who": "World Health Organization", "nyc": "New York City",
 }
+_ORG_ALIASES = frozenset({"un", "u.n.", "who", "eu", "e.u."})
 # Strings the small model tags as names that are not people, organisations or places.
 NOT_ENTITIES = frozenset({"covid-19", "covid", "coronavirus", "sars-cov-2", "ppe", "n95", "ventilator",
                           "ventilators", "hydroxychloroquine", "remdesivir", "ebola", "zika", "h1n1"})
 _POSSESSIVE = re.compile(r"(?:'s|’s|'|’)$")
 _SPACE = re.compile(r"\s+")
+_STRIP = " \"'“”‘’.,;:()[]"
+_POSSESSIVE_TOKENS = frozenset({"'s", "’s", "'", "’"})
+# Shouted acronyms that stay upper case even when a lower-case word is spelled the same ("US" / "us").
+_KEEP_CAPS = frozenset({"US", "UK", "UN", "EU", "UAE", "USA", "NATO"})
+_WORD = re.compile(r"\w+(?:['’.&-]\w+)*\.?")
+_CAPS_WORD = re.compile(r"\b[A-Z][A-Z'’.&-]*[A-Z]\b")
+_HEADLINE_CHARS = 300  # longer lines are paragraphs, never headlines or datelines
+_GAZETTEER_LABELS = frozenset({"PERSON", "ORG", "GPE", "LOC", "FAC", "NORP", "EVENT", "PRODUCT"})
 
 
-def load_model(name: str = DEFAULT_MODEL):
-    """Loads a spaCy pipeline by package name; the official `en_core_web_sm` falls back
-    to its PyPI re-upload when the official package is not installed."""
+@dataclasses.dataclass(frozen=True)
+class Mention:
+    """One entity mention after our fixes; `start`/`end` are character offsets in the text the
+    model read (titles, "the" and possessives trimmed off), `name` is the canonical name."""
+    start: int
+    end: int
+    text: str
+    name: str
+    label: str
+
+
+def _load_pipeline(name: str):
     import spacy
     candidates = [name] + ([FALLBACK_MODEL] if name == DEFAULT_MODEL else [])
     for candidate in candidates:
@@ -69,10 +93,10 @@ def load_model(name: str = DEFAULT_MODEL):
             importlib.import_module(candidate)
         except ImportError:
             continue
-        nlp = spacy.load(candidate, exclude=_EXCLUDED)
-        _LOG.info("loaded spaCy model %s (%s)", candidate, ", ".join(nlp.pipe_names))
-        return nlp
+        _LOG.info("loading spaCy model %s", candidate)
+        return spacy.load(candidate, exclude=_EXCLUDED)
     try:  # a path or a model installed under another name
+        _LOG.info("loading spaCy model %s", name)
         return spacy.load(name, exclude=_EXCLUDED)
     except OSError:
         raise RuntimeError(
@@ -80,9 +104,47 @@ def load_model(name: str = DEFAULT_MODEL):
             f"provides en_core_web_sm 3.8.0) or set nlp.model in configs/pipeline.yaml") from None
 
 
+def load_gazetteer(path: Path | str) -> list[dict[str, str]]:
+    """`entities: [{name, label, aliases}]` -> EntityRuler patterns whose `id` is the canonical name."""
+    raw = load_yaml(Path(path))
+    items = raw.get("entities") if isinstance(raw, dict) else None
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: expected a list under 'entities'")
+    patterns = []
+    for number, item in enumerate(items, 1):
+        where = f"{path}: entity #{number}"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise ConfigError(f"{where} needs a 'name'")
+        label = item.get("label", "")
+        if label not in _GAZETTEER_LABELS:
+            raise ConfigError(f"{where} ({item['name']}): 'label' must be one of "
+                              f"{', '.join(sorted(_GAZETTEER_LABELS))}")
+        aliases = item.get("aliases") or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+            raise ConfigError(f"{where} ({item['name']}): 'aliases' must be a list of names")
+        name = item["name"].strip()
+        patterns += [{"label": label, "pattern": spelling.strip(), "id": name}
+                     for spelling in dict.fromkeys([name, *aliases])]
+    return patterns
+
+
+def load_model(name: str = DEFAULT_MODEL, gazetteer: Path | str | list[dict[str, str]] | None = None):
+    """Loads a spaCy pipeline by package name; the official `en_core_web_sm` falls back
+    to its PyPI re-upload when the official package is not installed. A gazetteer (file or
+    loaded patterns) adds an EntityRuler before the statistical NER, so its names win and the
+    model tags around them."""
+    nlp = _load_pipeline(name)
+    if gazetteer:
+        patterns = gazetteer if isinstance(gazetteer, list) else load_gazetteer(gazetteer)
+        ruler = nlp.add_pipe("entity_ruler", name="gazetteer", before="ner" if "ner" in nlp.pipe_names else None)
+        ruler.add_patterns(patterns)
+    _LOG.info("spaCy components: %s", ", ".join(nlp.pipe_names))
+    return nlp
+
+
 def strip_mention(text: str, label: str) -> str:
     """Mention text without titles, possessives, a leading article or stray punctuation."""
-    text = _SPACE.sub(" ", text).strip(" \"'“”‘’.,;:()[]")
+    text = _SPACE.sub(" ", text).strip(_STRIP)
     text = _POSSESSIVE.sub("", text)
     words = text.split(" ")
     if label == "PERSON":
@@ -91,6 +153,91 @@ def strip_mention(text: str, label: str) -> str:
     if len(words) > 1 and words[0].lower() == "the":
         words = words[1:]
     return " ".join(words)
+
+
+def truecase_headlines(text: str) -> str:
+    """Text with headline-style lines true-cased, same length, so offsets hold.
+
+    The model (NER and lemmatizer alike) leans on capitalisation, so:
+    * ALL-CAPS lines (headlines, datelines): a word takes the spelling it has in the ordinary
+      lines ("LONDON" -> "London", "NATO" stays); an unknown one is lower-cased, the line's
+      first letter capitalised;
+    * Title Case Headlines: a capitalised word that the ordinary lines write in lower case is
+      lower-cased ("Stockpile Of Malaria Drugs" -> "stockpile of malaria drugs");
+    * an all-caps word in an ordinary line changes only to a capitalised spelling seen
+      elsewhere ("WASHINGTON (Reuters)"), never to lower case ("US" is not "us")."""
+    if not any(c.isupper() for c in text):
+        return text
+    lines = [(m.start(), m.group()) for m in re.finditer(r"[^\n]+", text)]
+    kinds = [_line_kind(line) for _, line in lines]
+    # Only the spellings of words that may change are counted: a fast pass over long articles.
+    wanted = {word.lower() for (_, line), kind in zip(lines, kinds) if kind for _, word in _words(line)}
+    wanted.update(word.lower() for (_, line), kind in zip(lines, kinds) if not kind
+                  for word in _CAPS_WORD.findall(line))
+    if not wanted:
+        return text
+    spellings: dict[str, Counter] = {}
+    for (_, line), kind in zip(lines, kinds):
+        if not kind:
+            for word in _WORD.findall(line):
+                key = word.lower() if "." in word[:-1] else word.lower().rstrip(".")
+                if key in wanted:
+                    spellings.setdefault(key, Counter())[word if "." in word[:-1] else word.rstrip(".")] += 1
+    chars = list(text)
+    for (offset, line), kind in zip(lines, kinds):
+        for number, (start, word) in enumerate(_words(line)):
+            if kind == "headline":
+                cased = _lower_if_usual(word, spellings) if number else None
+            else:
+                cased = _recase(word, spellings, kind == "shouted")
+                if kind == "shouted" and number == 0 and cased:
+                    cased = cased[0].upper() + cased[1:]
+            if cased and cased != word and len(cased) == len(word):
+                chars[offset + start:offset + start + len(word)] = cased
+    return "".join(chars)
+
+
+def _words(line: str) -> Iterator[tuple[int, str]]:
+    """Words with their offsets; a sentence's full stop is not part of a word ("U.S." keeps its own)."""
+    for match in _WORD.finditer(line):
+        word = match.group()
+        if word.endswith(".") and "." not in word[:-1]:
+            word = word[:-1]
+        yield match.start(), word
+
+
+def _line_kind(line: str) -> str:
+    """"shouted" (ALL CAPS), "headline" (Title Case, short) or "" (ordinary)."""
+    if len(line) > _HEADLINE_CHARS:
+        return ""
+    letters = [c for c in line if c.isalpha()]
+    if len(letters) >= 4 and sum(c.isupper() for c in letters) >= 0.9 * len(letters):
+        return "shouted"
+    words = [w for _, w in _words(line) if len(w) >= 4 and w.isalpha()]
+    if 3 <= len(words) and len(line.split()) <= 25 and sum(w[0].isupper() for w in words) >= 0.8 * len(words):
+        return "headline"
+    return ""
+
+
+def _lower_if_usual(word: str, spellings: dict[str, Counter]) -> str | None:
+    if not word.istitle():
+        return None
+    seen = spellings.get(word.lower())
+    lower = seen[word.lower()] if seen else 0
+    return word.lower() if lower and lower > sum(seen.values()) - lower else None
+
+
+def _recase(word: str, spellings: dict[str, Counter], shouted_line: bool) -> str | None:
+    if not word.isupper() or len(word) < 2 or any(c.isdigit() for c in word):
+        return None
+    seen = spellings.get(word.lower(), Counter())
+    # Prefer a spelling that is not itself shouted ("Washington" over "WASHINGTON").
+    known = next((w for w, _ in seen.most_common() if not w.isupper()), None) or next(iter(seen), None)
+    if not shouted_line:
+        return known if known and not known.islower() else None
+    if word in _KEEP_CAPS or "." in word:
+        return None
+    return known or word.lower()
 
 
 def _looks_like_person(doc, ent) -> bool:
@@ -103,26 +250,53 @@ def _looks_like_person(doc, ent) -> bool:
     return doc[ent.start - 1].lower_ in _ROLE_NOUNS
 
 
-def canonical_entities(doc) -> list[dict[str, Any]]:
-    """Entities of one Doc as `{name, label, text, count}`, one per canonical name."""
-    mentions: list[tuple[str, str, str]] = []
-    for ent in doc.ents:
-        label = ent.label_
-        if label not in KEPT_LABELS:
-            continue
-        if label == "ORG" and _looks_like_person(doc, ent):
-            label = "PERSON"
-        name = strip_mention(ent.text, label)
-        if not name or name.lower() in NOT_ENTITIES:
-            continue
-        if label == "PERSON" and any(ch.isdigit() for ch in name):
-            continue
-        if label in ("GPE", "LOC", "ORG", "NORP") and name.lower() in COUNTRY_ALIASES:
-            name, label = COUNTRY_ALIASES[name.lower()], ("ORG" if name.lower() in ("un", "u.n.", "who", "eu", "e.u.") else "GPE")
-        mentions.append((name, label, ent.text))
+def _trim(ent, label: str):
+    """The span without leading titles (people) or "the", and without trailing possessives."""
+    start, end = ent.start, ent.end
+    doc = ent.doc
+    while end > start and (doc[end - 1].text in _POSSESSIVE_TOKENS or doc[end - 1].is_punct):
+        end -= 1
+    while end - start > 1 and (doc[start].is_punct or doc[start].lower_ == "the"
+                               or (label == "PERSON" and doc[start].lower_ in _TITLES)):
+        start += 1
+    return doc[start:end] if end > start else None
+
+
+def _mention(ent, original: str) -> tuple[int, int, str, str, str] | None:
+    """(start, end, text as written, name, label) of one model entity, or None to drop it."""
+    label = ent.label_
+    if label not in KEPT_LABELS:
+        return None
+    if ent.ent_id_:  # a gazetteer name: canonical as the user wrote it
+        return ent.start_char, ent.end_char, original[ent.start_char:ent.end_char], ent.ent_id_, label
+    if label == "ORG" and _looks_like_person(ent.doc, ent):
+        label = "PERSON"
+    span = _trim(ent, label)
+    if span is None:
+        return None
+    name = strip_mention(span.text, label)
+    start, end = span.start_char, span.end_char
+    glued = _POSSESSIVE.search(span.text)  # "Russia’s" as one token
+    if glued and span.text[:glued.start()].strip(_STRIP) == name:
+        end = start + glued.start()
+    if not name or name.lower() in NOT_ENTITIES:
+        return None
+    if label == "PERSON" and any(ch.isdigit() for ch in name):
+        return None
+    if label in ("GPE", "LOC", "ORG", "NORP") and name.lower() in COUNTRY_ALIASES:
+        name, label = COUNTRY_ALIASES[name.lower()], ("ORG" if name.lower() in _ORG_ALIASES else "GPE")
+    return start, end, original[start:end], name, label
+
+
+def entity_mentions(doc, original: str | None = None) -> list[Mention]:
+    """Every kept mention of one Doc, with canonical names and one label per name.
+
+    `original` is the text before true-casing (same length); mention texts are cut from it."""
+    original = doc.text if original is None else original
+    raw = [m for m in (_mention(ent, original) for ent in doc.ents) if m]
 
     # Full person names, and the surnames / first names that stand for them.
-    full_names = Counter(name for name, label, _ in mentions if label == "PERSON" and " " in name)
+    full_names = Counter(name for _, _, _, name, label in raw if label == "PERSON" and " " in name)
     alias_of: dict[str, str] = {}
     for full, _ in full_names.most_common():
         parts = full.split(" ")
@@ -130,22 +304,29 @@ def canonical_entities(doc) -> list[dict[str, Any]]:
             if alias and alias not in alias_of:
                 alias_of[alias] = full
 
-    labels: dict[str, Counter] = {}
-    texts: dict[str, str] = {}
-    order: list[str] = []
-    for name, label, text in mentions:
+    resolved, votes = [], {}
+    for start, end, text, name, label in raw:
         if label in ("PERSON", "ORG", "NORP") and name in alias_of:
             name, label = alias_of[name], "PERSON"
-        if name not in labels:
-            labels[name], texts[name] = Counter(), text
-            order.append(name)
-        labels[name][label] += 1
-    entities = []
-    for name in order:
-        votes = labels[name]
-        label = "PERSON" if name in full_names else votes.most_common(1)[0][0]
-        entities.append({"name": name, "label": label, "text": texts[name], "count": sum(votes.values())})
-    return entities
+        votes.setdefault(name, Counter())[label] += 1
+        resolved.append((start, end, text, name))
+    final = {name: "PERSON" if name in full_names else counts.most_common(1)[0][0] for name, counts in votes.items()}
+    return [Mention(start, end, text, name, final[name]) for start, end, text, name in resolved]
+
+
+def entities_from_mentions(mentions: Iterable[Mention]) -> list[dict[str, Any]]:
+    """`{name, label, text, count}` per canonical name, in order of first mention."""
+    entities: dict[str, dict[str, Any]] = {}
+    for mention in mentions:
+        entity = entities.setdefault(mention.name, {"name": mention.name, "label": mention.label,
+                                                    "text": mention.text, "count": 0})
+        entity["count"] += 1
+    return list(entities.values())
+
+
+def canonical_entities(doc) -> list[dict[str, Any]]:
+    """Entities of one Doc as `{name, label, text, count}`, one per canonical name."""
+    return entities_from_mentions(entity_mentions(doc))
 
 
 def facet_fields(entities: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
@@ -165,32 +346,57 @@ def nlp_text(article: dict[str, Any], max_chars: int) -> str:
     return text[:max_chars]
 
 
-def tag_entities(nlp, articles: list[dict[str, Any]], settings: NlpSettings) -> list[dict[str, Any]]:
+def doc_lemmas(doc) -> str:
+    """Lower-case lemmas, space-joined, one line per paragraph (the headline is the first), so
+    topics can weigh evidence per passage; whitespace-split consumers see plain tokens."""
+    passages, current = [], []
+    for token in doc:
+        if token.is_space or token.is_punct:
+            if current and "\n" in token.text:
+                passages.append(" ".join(current))
+                current = []
+            continue
+        current.append(token.lemma_.lower())
+    if current:
+        passages.append(" ".join(current))
+    return "\n".join(passages)
+
+
+def tag_entities(nlp, articles: list[dict[str, Any]], settings: NlpSettings,
+                 with_mentions: bool = False) -> list[dict[str, Any]]:
     """Adds `entities`, the facet lists and `lemmas` (space-joined lower-case lemmas,
-    used by topics and alerts) to each article. The pipeline and `newsbeam tag` share it."""
-    texts = [nlp_text(article, settings.max_chars) for article in articles]
+    used by topics and alerts) to each article. The pipeline and `newsbeam tag` share it;
+    `with_mentions` also adds `mentions` (spans in `nlp_text`, for `newsbeam eval entities`)."""
+    # `nlp_skipped`: a language the model does not read (transforms/language.py): no tags.
+    texts = ["" if article.get("nlp_skipped") else nlp_text(article, settings.max_chars) for article in articles]
+    docs = nlp.pipe((truecase_headlines(text) for text in texts), batch_size=settings.batch_size)
     tagged = []
-    for article, doc in zip(articles, nlp.pipe(texts, batch_size=settings.batch_size)):
-        entities = canonical_entities(doc)
+    for article, text, doc in zip(articles, texts, docs):
+        mentions = entity_mentions(doc, text)
+        entities = entities_from_mentions(mentions)
         tagged.append({
             **article,
             "entities": entities,
             **facet_fields(entities),
-            "lemmas": " ".join(t.lemma_.lower() for t in doc if not (t.is_space or t.is_punct)),
+            "lemmas": doc_lemmas(doc),
+            **({"mentions": [dataclasses.asdict(m) for m in mentions]} if with_mentions else {}),
         })
     return tagged
 
 
 class TagEntitiesFn(BatchingDoFn):
-    def __init__(self, settings: NlpSettings, model_handle: shared.Shared):
+    def __init__(self, settings: NlpSettings, model_handle: shared.Shared,
+                 gazetteer: list[dict[str, str]] | None = None):
         self._settings = settings
         self._model_handle = model_handle
+        self._gazetteer = gazetteer
         self.batch_size = settings.batch_size
         self._tagged = Metrics.counter("newsbeam", "articles_tagged")
 
     def setup(self) -> None:
         # One model per process, shared by every DoFn instance (threads) in it.
-        self._nlp = self._model_handle.acquire(lambda: _ModelBox(load_model(self._settings.model))).nlp
+        self._nlp = self._model_handle.acquire(
+            lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
 
     def handle_batch(self, articles: list[dict[str, Any]]) -> Iterator[list[Any]]:
         try:
@@ -223,7 +429,10 @@ class TagEntities(beam.PTransform):
     def __init__(self, settings: NlpSettings):
         super().__init__()
         self._settings = settings
+        # Read here, at pipeline construction: bad entries fail at start-up, and workers that
+        # do not have the file still get the names.
+        self._gazetteer = load_gazetteer(settings.gazetteer) if settings.gazetteer else None
 
     def expand(self, articles):
         return articles | "SpacyNer" >> beam.ParDo(
-            TagEntitiesFn(self._settings, shared.Shared())).with_outputs(DEAD, main="tagged")
+            TagEntitiesFn(self._settings, shared.Shared(), self._gazetteer)).with_outputs(DEAD, main="tagged")

@@ -1,13 +1,20 @@
-"""ParseEntries: feed bytes -> article dicts, with stable ids from canonical URLs."""
+"""ParseEntries: feed bytes -> article dicts, with stable ids from canonical URLs.
+
+Documents that declare entities (`<!DOCTYPE x [<!ENTITY ...>]>`) are refused before
+feedparser sees them: its loose parser expands what the strict one refused, which is how
+"billion laughs" documents eat memory. Items per feed and characters per item are capped.
+"""
 from __future__ import annotations
 
 import calendar
+import codecs
+import dataclasses
 import hashlib
 import io
 import logging
 import time
 from typing import Any, Iterator
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import apache_beam as beam
 import feedparser
@@ -57,6 +64,49 @@ def _iso(struct: time.struct_time | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(calendar.timegm(struct)))
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+_SYNDICATION_PERIODS = {"hourly": 3600, "daily": 86_400, "weekly": 604_800, "monthly": 2_592_000,
+                        "yearly": 31_536_000}
+
+
+def declares_entities(body: bytes) -> bool:
+    """True when the document type declaration has an internal subset with `<!ENTITY`."""
+    head = body[:4]
+    text = None
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            text = body.decode(codec, "replace")
+            break
+    if text is None and b"\x00" in head:  # UTF-16/32 without a BOM
+        codec = {b"\x00\x00\x00<": "utf-32-be", b"<\x00\x00\x00": "utf-32-le",
+                 b"\x00<\x00?": "utf-16-be", b"<\x00?\x00": "utf-16-le"}.get(head, "utf-16-le")
+        text = body.decode(codec, "replace")
+    if text is None:
+        text = body.decode("latin-1")  # byte-transparent for every ASCII-compatible encoding
+    low = text.lower()
+    start = low.find("<!doctype")
+    if start < 0:
+        return False
+    end = low.find("]>", start)
+    return "<!entity" in low[start:end + 2 if end >= 0 else len(low)]
+
+
+def refresh_hint(parsed: Any) -> float | None:
+    """Seconds the feed asks readers to wait between polls: RSS `ttl` (minutes) or
+    `sy:updatePeriod` / `sy:updateFrequency`; the longer one when both are present."""
+    feed = parsed.get("feed", {})
+    hints = []
+    ttl = str(feed.get("ttl", "")).strip()
+    if ttl.isdigit() and int(ttl) > 0:
+        hints.append(int(ttl) * 60.0)
+    period = _SYNDICATION_PERIODS.get(str(feed.get("sy_updateperiod", "")).strip().lower())
+    if period:
+        frequency = str(feed.get("sy_updatefrequency", "1")).strip()
+        hints.append(period / max(1, int(frequency) if frequency.isdigit() else 1))
+    return max(hints) if hints else None
+
+
 def _entry_html(entry: Any) -> tuple[str, str]:
     """Returns (summary, content) as feedparser's sanitised HTML."""
     summary = entry.get("summary", "") or ""
@@ -65,29 +115,48 @@ def _entry_html(entry: Any) -> tuple[str, str]:
     return summary, content
 
 
-def parse_feed(result: FetchResult, max_items: int) -> tuple[list[dict[str, Any]], str | None]:
-    """Parses a fetched feed into articles. Returns (articles, problem) where `problem`
-    describes a feed that yielded nothing usable."""
-    headers = {"content-location": result.final_url}
-    if "content-type" in result.headers:
-        headers["content-type"] = result.headers["content-type"]
-    # A file object: feedparser must never treat the input as a URL or a path.
-    parsed = feedparser.parse(io.BytesIO(result.body), response_headers=headers, sanitize_html=True)
+@dataclasses.dataclass
+class ParsedFeed:
+    articles: list[dict[str, Any]]
+    problem: str | None = None  # why a feed yielded nothing usable
+    reason: str = ""  # dead-letter reason: unparseable_feed, entity_declaration
+    refresh_hint: float | None = None  # seconds, from ttl / sy:updatePeriod
+
+
+def parse_document(result: FetchResult) -> Any:
+    """feedparser over the fetched bytes, never over a URL or a path."""
+    headers = {"content-location": urljoin(result.final_url, result.headers.get("content-location", ""))}
+    for name in ("content-type", "content-language"):
+        if name in result.headers:
+            headers[name] = result.headers[name]
+    return feedparser.parse(io.BytesIO(result.body), response_headers=headers, sanitize_html=True)
+
+
+def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_000) -> ParsedFeed:
+    """Parses a fetched feed into articles (at most `max_items`, each text field cut at
+    `max_entry_chars`), or says why it could not."""
+    if declares_entities(result.body):
+        return ParsedFeed([], "the document declares XML entities; refused before parsing",
+                          "entity_declaration")
+    parsed = parse_document(result)
+    hint = refresh_hint(parsed)
     if not parsed.entries:
         if parsed.bozo:
-            return [], f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}"
+            return ParsedFeed([], f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}",
+                              "unparseable_feed", hint)
         if not parsed.get("version"):
-            return [], "not a feed: no RSS, Atom or RDF document found"
-        return [], None  # a valid feed that is empty right now
+            return ParsedFeed([], "not a feed: no RSS, Atom or RDF document found", "unparseable_feed", hint)
+        return ParsedFeed([], refresh_hint=hint)  # a valid feed that is empty right now
     feed_meta = parsed.get("feed", {})
     publisher = result.feed.publisher or feed_meta.get("title", "") or urlsplit(result.final_url).hostname or ""
     source = urlsplit(result.feed.url).hostname or ""
     language = (feed_meta.get("language") or "").split("-")[0].lower() or None
     fetched_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.fetched_at))
+    cap = max_entry_chars
     articles = []
     for entry in parsed.entries[:max_items]:
-        link = entry.get("link", "") or ""
-        guid = entry.get("id", "") or ""
+        link = (entry.get("link", "") or "")[:4096]
+        guid = (entry.get("id", "") or "")[:4096]
         if not link and not guid:
             continue
         summary, content = _entry_html(entry)
@@ -95,45 +164,63 @@ def parse_feed(result: FetchResult, max_items: int) -> tuple[list[dict[str, Any]
             "article_id": article_id(link, guid),
             "url": link or guid,
             "guid": guid,
-            "title": entry.get("title", "") or "",
-            "summary_html": summary,
-            "content_html": content,
+            "title": (entry.get("title", "") or "")[:cap],
+            "summary_html": summary[:cap],
+            "content_html": content[:cap],
             "feed_url": result.feed.url,
             "source": source,
             "publisher": publisher,
-            "author": entry.get("author", "") or None,
+            "author": (entry.get("author", "") or "")[:1024] or None,
             "published_at": _iso(entry.get("published_parsed") or entry.get("updated_parsed")),
             "fetched_at": fetched_at,
             "language": (entry.get("language") or "").split("-")[0].lower() or language,
+            "body_source": "feed",
         })
-    return articles, None
+    return ParsedFeed(articles, refresh_hint=hint)
+
+
+def parse_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_000
+               ) -> tuple[list[dict[str, Any]], str | None]:
+    """(articles, problem): `problem` describes a feed that yielded nothing usable."""
+    parsed = read_feed(result, max_items, max_entry_chars)
+    return parsed.articles, parsed.problem
+
+
+def safe_read_feed(result: FetchResult, max_items: int, max_entry_chars: int) -> ParsedFeed:
+    try:
+        return read_feed(result, max_items, max_entry_chars)
+    except Exception as err:  # feedparser is defensive; anything else is still one bad feed
+        return ParsedFeed([], f"{type(err).__name__}: {err}", "unparseable_feed")
+
+
+def parse_dead_letter(result: FetchResult, parsed: ParsedFeed) -> dict[str, Any]:
+    return dead_letter("parse", parsed.reason, parsed.problem or "", feed_url=result.feed.url,
+                       payload=result.body[:2000].decode("utf-8", "replace"))
 
 
 class ParseFn(beam.DoFn):
-    def __init__(self, max_items: int):
+    def __init__(self, max_items: int, max_entry_chars: int):
         self._max_items = max_items
+        self._max_entry_chars = max_entry_chars
         self._parsed = Metrics.counter("newsbeam", "articles_parsed")
 
     def process(self, result: FetchResult) -> Iterator:
-        try:
-            articles, problem = parse_feed(result, self._max_items)
-        except Exception as err:  # feedparser is defensive; anything else is still one bad feed
-            articles, problem = [], f"{type(err).__name__}: {err}"
-        if problem:
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                "parse", "unparseable_feed", problem, feed_url=result.feed.url,
-                payload=result.body[:2000].decode("utf-8", "replace")))
+        parsed = safe_read_feed(result, self._max_items, self._max_entry_chars)
+        if parsed.problem:
+            yield beam.pvalue.TaggedOutput(DEAD, parse_dead_letter(result, parsed))
             return
-        self._parsed.inc(len(articles))
-        yield from articles
+        self._parsed.inc(len(parsed.articles))
+        yield from parsed.articles
 
 
 class ParseEntries(beam.PTransform):
     """FetchResult -> article dicts; unparseable feeds go to the `dead` output."""
 
-    def __init__(self, max_items: int = 500):
+    def __init__(self, max_items: int = 500, max_entry_chars: int = 200_000):
         super().__init__()
         self._max_items = max_items
+        self._max_entry_chars = max_entry_chars
 
     def expand(self, fetched):
-        return fetched | "Parse" >> beam.ParDo(ParseFn(self._max_items)).with_outputs(DEAD, main="articles")
+        return fetched | "Parse" >> beam.ParDo(ParseFn(self._max_items, self._max_entry_chars)).with_outputs(
+            DEAD, main="articles")

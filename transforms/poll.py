@@ -1,38 +1,258 @@
-"""PollFeeds: a periodic impulse that emits the feeds due for polling, in shards.
+"""PollFeeds: a polite, adaptive scheduler that fetches and parses the feeds that are due.
 
-Feeds are split into stable shards by URL so a distributed runner can spread fetching
-over workers; within a shard, FetchFeeds fetches concurrently.
+A PeriodicImpulse ticks every `fetch.scheduler_interval` seconds (at most the poll
+interval) and emits every shard of feeds; a stateful DoFn keyed by shard keeps each feed's
+schedule and validators in Beam state (`transforms/feedstate.py` decides when a feed is
+due) and hands due feeds to a `PoliteExecutor` (per-host concurrency and delay). Fetches
+that are still running when a tick has waited `settle` seconds (at most 1 s, shared by the
+shards of a tick) stay in flight and are collected on a later tick, so a stalled host never
+holds back the other feeds.
+
+Per feed and attempt: a conditional GET; a 304 or a body identical to the last one costs
+no parsing; a changed body is parsed here (the schedule needs the feed's `ttl` hints and
+the health needs the parse outcome). Outputs: articles (main), `health` (one document per
+attempt for the `newsbeam-feeds` index) and `dead` (stage, feed, reason).
+
+Shards are by host, so a distributed runner spreads polling over workers while all of a
+host's feeds stay in one place for politeness.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import logging
 import time
+from typing import Any, Iterator
 
 import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from pipeline.config import Feed
-from transforms.fetch import shard_feeds
+from pipeline.config import ElasticsearchSettings, Feed, FetchSettings
+from transforms.deadletter import DEAD, dead_letter
+from transforms.feedstate import (FeedState, body_hash, health_doc, load_states, max_age, on_failure,
+                                  on_success)
+from transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
+from transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed
+
+_LOG = logging.getLogger(__name__)
+HEALTH = "health"
+
+
+@dataclasses.dataclass
+class PollOutcome:
+    """What one attempt produced; made in a fetch thread, applied to state in the DoFn."""
+    started: float
+    result: FetchResult | None = None
+    error: FetchError | None = None
+    digest: str | None = None
+    parsed: ParsedFeed | None = None  # None: not parsed (304 or unchanged body)
+
+
+def poll_one(session, feed: Feed, etag: str | None, last_modified: str | None, last_digest: str | None,
+             settings: FetchSettings, parse: bool = True) -> PollOutcome:
+    """Fetches one feed and (with `parse`) parses it when its body changed. Never raises."""
+    outcome = PollOutcome(started=time.time())
+    try:
+        outcome.result = fetch(session, feed, settings, etag=etag, last_modified=last_modified)
+    except FetchError as err:
+        outcome.error = err
+        return outcome
+    except Exception as err:  # a bug or a surprise in a library: still one bad feed
+        outcome.error = FetchError("internal", f"{type(err).__name__}: {err}")
+        return outcome
+    if outcome.result.status == 304:
+        return outcome
+    outcome.digest = body_hash(outcome.result.body)
+    if parse:
+        parse_changed(outcome, last_digest, settings)
+    return outcome
+
+
+def parse_changed(outcome: PollOutcome, last_digest: str | None, settings: FetchSettings) -> None:
+    if outcome.result is not None and outcome.result.status != 304 and outcome.digest != last_digest:
+        outcome.parsed = safe_read_feed(outcome.result, settings.max_items_per_feed, settings.max_entry_chars)
+
+
+def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_interval: float,
+                  settings: FetchSettings) -> tuple[FeedState, list[Any], list[dict[str, Any]]]:
+    """(new state, articles, dead letters) for one attempt. The next poll is counted from
+    the attempt's start, so a feed's rhythm does not drift by its fetch time."""
+    now = outcome.started
+    if outcome.error is not None:
+        err = outcome.error
+        state = on_failure(state, feed, now=now, error_class=err.kind, error=str(err), status=err.status,
+                           retry_after=err.retry_after, default_interval=default_interval, settings=settings)
+        return state, [], [dead_letter("fetch", err.kind, str(err), feed_url=feed.url)]
+    result = outcome.result
+    assert result is not None
+    parsed = outcome.parsed
+    # Refresh hints: Cache-Control max-age always; ttl / sy:updatePeriod only when parsed.
+    hints = [h for h in (max_age(result.headers), parsed.refresh_hint if parsed else state.hint) if h]
+    hint = max(hints) if hints else None
+    if parsed is not None and parsed.problem:
+        kind = "parse" if parsed.reason == "unparseable_feed" else parsed.reason
+        state = on_failure(state, feed, now=now, error_class=kind, error=parsed.problem, status=result.status,
+                           retry_after=None, default_interval=default_interval, settings=settings)
+        return state, [], [parse_dead_letter(result, parsed)]
+    state, changed = on_success(
+        state, feed, now=now, status=result.status,
+        items=[article["article_id"] for article in parsed.articles] if parsed is not None else None,
+        etag=result.headers.get("etag"), last_modified=result.headers.get("last-modified"),
+        digest=outcome.digest, hint=hint, final_url=result.final_url, default_interval=default_interval,
+        settings=settings)
+    # Unchanged items are not emitted again: downstream dedupe would drop them anyway.
+    return state, parsed.articles if parsed is not None and changed else [], []
+
+
+class PollShardFn(beam.DoFn):
+    """Keyed by shard: `(shard, feeds)` on every tick -> articles, health docs, dead letters."""
+
+    STATES = ReadModifyWriteStateSpec("feed_states", PickleCoder())
+
+    def __init__(self, settings: FetchSettings, es_settings: ElasticsearchSettings, default_interval: float,
+                 settle: float, slack: float):
+        self._settings = settings
+        self._slack = slack  # ticks are not exact: a feed due this soon is polled now
+        self._es_settings = es_settings
+        self._default_interval = default_interval
+        self._settle = settle
+        self._fetched = Metrics.counter("newsbeam", "feeds_fetched")
+        self._not_modified = Metrics.counter("newsbeam", "feeds_not_modified")
+        self._unchanged = Metrics.counter("newsbeam", "feeds_unchanged")
+        self._failed = Metrics.counter("newsbeam", "feeds_failed")
+        self._parsed = Metrics.counter("newsbeam", "articles_parsed")
+        self._lag = Metrics.distribution("newsbeam", "poll_lag_ms")
+
+    def setup(self) -> None:
+        from transforms.elastic import connect
+        self._session = new_session(self._settings)
+        self._executor = PoliteExecutor(self._settings.concurrency, self._settings.per_host_concurrency,
+                                        self._settings.per_host_delay, self._session.timers)
+        # Parsing is CPU work: one thread of its own, so neither the fetch threads nor the ticks
+        # wait for it (a first poll of 1,000 real feeds is minutes of feedparser).
+        self._parser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse")
+        self._client = connect(self._es_settings, check=False)
+        # Polls still running at the end of a tick: collected on a later tick.
+        self._in_flight: dict[str, tuple[concurrent.futures.Future, float]] = {}
+
+    def _poll(self, feed: Feed, state: FeedState) -> concurrent.futures.Future:
+        """Fetch on the polite pool, then parse on the parser thread; one future for both."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def parse(outcome: PollOutcome) -> None:
+            try:
+                parse_changed(outcome, state.body_hash, self._settings)
+            finally:
+                done.set_result(outcome)
+
+        def fetched(future: concurrent.futures.Future) -> None:
+            try:
+                self._parser.submit(parse, future.result())
+            except (concurrent.futures.CancelledError, RuntimeError):  # shutting down
+                done.cancel()
+
+        self._executor.submit(host_of(feed.url), poll_one, self._session, feed, state.etag, state.last_modified,
+                              state.body_hash, self._settings, False).add_done_callback(fetched)
+        return done
+
+    def start_bundle(self) -> None:
+        self._settle_until: float | None = None
+
+    def process(self, shard: tuple[int, tuple[Feed, ...]], tick=beam.DoFn.TimestampParam,
+                states=beam.DoFn.StateParam(STATES)) -> Iterator:
+        _, feeds = shard
+        now = time.time()
+        # One settle budget per bundle: the shards of a tick share it instead of adding up.
+        self._settle_until = self._settle_until or now + self._settle
+        known: dict[str, FeedState] = states.read() or {}
+        missing = [feed.url for feed in feeds if feed.url not in known]
+        if missing:  # first sight (or a restart): validators and back-off come from the index
+            due = min(now, float(tick.micros) / 1e6) if tick.micros > 0 else now
+            known.update(load_states(self._client, self._es_settings.feeds_index, missing, due))
+        by_url = {feed.url: feed for feed in feeds}
+        known = {url: state for url, state in known.items() if url in by_url}
+        for feed in feeds:
+            state = known[feed.url]
+            if feed.url not in self._in_flight and state.next_due <= now + self._slack:
+                self._in_flight[feed.url] = (self._poll(feed, state), state.next_due)
+        pending = [self._in_flight[url][0] for url in by_url if url in self._in_flight]
+        if pending:
+            concurrent.futures.wait(pending, timeout=max(0.0, self._settle_until - time.time()))
+        for url, feed in by_url.items():
+            future, due = self._in_flight.get(url, (None, 0.0))
+            if future is None or not future.done():
+                continue
+            del self._in_flight[url]
+            if future.cancelled():
+                continue
+            outcome: PollOutcome = future.result()
+            state, articles, dead = apply_outcome(known[url], feed, outcome, self._default_interval,
+                                                  self._settings)
+            known[url] = state
+            self._count(outcome, articles)
+            if outcome.error is not None:
+                _LOG.warning("fetch failed for %s: %s", url, outcome.error)
+            self._lag.update(int(max(0.0, outcome.started - due) * 1000))
+            yield from articles
+            for record in dead:
+                yield beam.pvalue.TaggedOutput(DEAD, record)
+            doc = health_doc(state, feed)
+            doc["last_lag_seconds"] = round(max(0.0, outcome.started - due), 3)
+            yield beam.pvalue.TaggedOutput(HEALTH, doc)
+        states.write(known)
+
+    def _count(self, outcome: PollOutcome, articles: list[Any]) -> None:
+        if outcome.error is not None:
+            self._failed.inc()
+        elif outcome.result is not None and outcome.result.status == 304:
+            self._not_modified.inc()
+        elif outcome.parsed is None:
+            self._unchanged.inc()
+        else:
+            self._fetched.inc()
+            self._parsed.inc(len(articles))
+
+    def teardown(self) -> None:
+        self._executor.shutdown()
+        self._parser.shutdown(wait=False, cancel_futures=True)
+        self._session.close()
+        self._client.close()
 
 
 class PollFeeds(beam.PTransform):
-    """Emits `(shard, feeds)` every `interval` seconds; stops after `duration` seconds when
-    given, which lets the pipeline drain and finish cleanly."""
+    """Fetches and parses due feeds every scheduler tick; stops after `duration` seconds when
+    given, which lets the pipeline drain and finish cleanly. Outputs `articles` (main),
+    `health` and `dead`."""
 
-    def __init__(self, feeds: tuple[Feed, ...], interval: float, duration: float | None = None,
-                 shards: int = 8):
+    def __init__(self, feeds: tuple[Feed, ...], interval: float, settings: FetchSettings,
+                 es_settings: ElasticsearchSettings, duration: float | None = None, shards: int = 8):
         super().__init__()
         if not feeds:
             raise ValueError("no feeds to poll: add some to configs/feeds.yaml or pass --feed URL")
         self._shards = shard_feeds(feeds, shards)
         self._interval = interval
+        self._tick = min(interval, settings.scheduler_interval,
+                         *(feed.poll_interval for feed in feeds if feed.poll_interval))
+        self._settings = settings
+        self._es_settings = es_settings
         self._duration = duration
 
     def expand(self, pbegin):
         start = time.time()
         stop = Timestamp.of(start + self._duration) if self._duration else MAX_TIMESTAMP
         shards = self._shards
+        # Long enough for healthy feeds to be delivered within their tick, short enough that a
+        # stalled host (left in flight, collected on a later tick) barely delays other shards.
+        settle = min(1.0, self._tick / 4, self._settings.total_timeout)
         return (pbegin
                 | "Tick" >> PeriodicImpulse(start_timestamp=Timestamp.of(start), stop_timestamp=stop,
-                                            fire_interval=self._interval)
-                | "DueShards" >> beam.FlatMap(lambda _tick: shards))
+                                            fire_interval=self._tick)
+                | "DueShards" >> beam.FlatMap(lambda _tick: shards)
+                | "FetchDueFeeds" >> beam.ParDo(PollShardFn(
+                    self._settings, self._es_settings, self._interval, settle, slack=self._tick / 4)
+                ).with_outputs(HEALTH, DEAD, main="articles"))
+

@@ -18,14 +18,23 @@ class Tagger:
         self._taxonomy = taxonomy
         self._settings = settings
 
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return self._taxonomy
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     @classmethod
     def load(cls, settings: Settings) -> "Tagger":
-        return cls(load_model(settings.nlp.model), Taxonomy.load(settings.topics_file), settings)
+        return cls(load_model(settings.nlp.model, settings.nlp.gazetteer), Taxonomy.load(settings.topics_file), settings)
 
-    def tag_articles(self, articles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def tag_articles(self, articles: list[dict[str, Any]], with_mentions: bool = False) -> list[dict[str, Any]]:
+        """`with_mentions` keeps each entity mention's span (for `newsbeam eval entities`)."""
         cleaned = [clean_article(article) for article in articles]
         return [tag_topics(self._taxonomy, article)
-                for article in tag_entities(self._nlp, cleaned, self._settings.nlp)]
+                for article in tag_entities(self._nlp, cleaned, self._settings.nlp, with_mentions)]
 
     def tag_records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`{"id", "title", "text"}` records, returned with the tag fields added."""

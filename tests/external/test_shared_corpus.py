@@ -4,7 +4,6 @@ whole module is skipped with one loud reason."""
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import pytest
 

@@ -1,0 +1,130 @@
+"""`newsbeam status` (what the last runs left in the indices) and
+`newsbeam es create-api-key` (a least-privilege key for the pipeline)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from elasticsearch import ApiError, Elasticsearch
+
+from pipeline.cli import settings_from_args
+from pipeline.config import Settings
+from transforms.elastic import ElasticsearchUnavailable, connect
+
+
+def add_parsers(sub: Any) -> None:
+    status = sub.add_parser("status", help="summary from the indices: articles, feed health, dead letters, alerts")
+    status.add_argument("--config", default=None)
+    status.add_argument("--es-url", dest="es_url", default=None)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    es = sub.add_parser("es", help="Elasticsearch administration")
+    es_sub = es.add_subparsers(dest="es_command", required=True)
+    key = es_sub.add_parser("create-api-key", help="create a least-privilege API key for `newsbeam run` "
+                                                   "(needs an admin's credentials in the environment)")
+    key.add_argument("--name", default="newsbeam-pipeline")
+    key.add_argument("--expiration", default=None, help="e.g. 90d; default: no expiry")
+    key.add_argument("--config", default=None)
+    key.add_argument("--es-url", dest="es_url", default=None)
+
+
+def pipeline_role(settings: Settings) -> dict[str, Any]:
+    """The privileges `newsbeam run` needs, on its own indices only."""
+    es, alerts = settings.elasticsearch, settings.alerts
+    own = [f"{es.articles_alias}*", es.deadletter_index, es.feeds_index, alerts.alerts_index]
+    return {"cluster": ["monitor", "manage_index_templates"],
+            "indices": [{"names": own, "privileges": ["create_doc", "index", "create_index", "auto_configure",
+                                                      "read", "view_index_metadata", "manage"]},
+                        {"names": [alerts.rules_index], "privileges": ["read", "view_index_metadata"]}]}
+
+
+def cmd_create_api_key(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    client = connect(settings.elasticsearch)
+    body: dict[str, Any] = {"name": args.name, "role_descriptors": {"newsbeam_pipeline": pipeline_role(settings)}}
+    if args.expiration:
+        body["expiration"] = args.expiration
+    try:
+        key = client.security.create_api_key(**body)
+    except ApiError as err:
+        reason = err.info.get("error", {}).get("reason", err.message) if isinstance(err.info, dict) else err.message
+        raise ElasticsearchUnavailable(
+            f"Elasticsearch refused to create the API key (HTTP {err.meta.status}: {reason}). API keys need "
+            "security enabled and the .security index; the bare integ-test server cannot create it") from None
+    print(f"created API key {key['name']!r} (id {key['id']}). Set it for newsbeam run, e.g.:", file=sys.stderr)
+    print(f"export ELASTICSEARCH_API_KEY={key['encoded']}")
+    return 0
+
+
+def _count(client: Elasticsearch, index: str, query: dict[str, Any] | None = None) -> int:
+    return client.count(index=index, query=query)["count"] if query else client.count(index=index)["count"]
+
+
+def collect_status(client: Elasticsearch, settings: Settings) -> dict[str, Any]:
+    es, alerts = settings.elasticsearch, settings.alerts
+    status: dict[str, Any] = {}
+    if client.indices.exists(index=es.articles_alias):
+        newest = client.search(index=es.articles_alias, size=0, aggs={
+            "newest": {"max": {"field": "indexed_at"}}})["aggregations"]["newest"].get("value_as_string")
+        status["articles"] = {"total": _count(client, es.articles_alias),
+                              "last_hour": _count(client, es.articles_alias,
+                                                  {"range": {"indexed_at": {"gte": "now-1h"}}}),
+                              "newest_indexed_at": newest}
+    if client.indices.exists(index=es.deadletter_index):
+        # Nested terms, not multi_terms: that one is an x-pack analytics aggregation.
+        response = client.search(index=es.deadletter_index, size=0, query={
+            "range": {"failed_at": {"gte": "now-24h"}}}, aggs={"stage": {"terms": {"field": "stage", "size": 20},
+                                                                         "aggs": {"reason": {"terms": {"field": "reason", "size": 20}}}}})
+        by_reason = {f"{stage['key']}/{reason['key']}": reason["doc_count"]
+                     for stage in response["aggregations"]["stage"]["buckets"]
+                     for reason in stage["reason"]["buckets"]}
+        status["dead_letters"] = {"total": _count(client, es.deadletter_index), "last_24h_by_stage_reason": by_reason}
+    if client.indices.exists(index=es.feeds_index):
+        failing = client.search(index=es.feeds_index, size=10, query={"range": {"consecutive_failures": {"gt": 0}}},
+                                sort=[{"consecutive_failures": "desc"}],
+                                source_includes=["feed_url", "error_class", "consecutive_failures", "dead"])
+        status["feeds"] = {"total": _count(client, es.feeds_index),
+                           "failing": failing["hits"]["total"]["value"],
+                           "dead": _count(client, es.feeds_index, {"term": {"dead": True}}),
+                           "worst": [hit["_source"] for hit in failing["hits"]["hits"]]}
+    if client.indices.exists(index=alerts.alerts_index):
+        status["alerts"] = {"total": _count(client, alerts.alerts_index),
+                            "pending_delivery": _count(client, alerts.alerts_index,
+                                                       {"exists": {"field": "pending_targets"}})}
+    return status
+
+
+def print_status(status: dict[str, Any]) -> None:
+    if not status:
+        print("no newsbeam indices yet: run `newsbeam run` first")
+        return
+    if "articles" in status:
+        a = status["articles"]
+        print(f"articles      {a['total']} indexed, {a['last_hour']} in the last hour, newest {a['newest_indexed_at']}")
+    if "feeds" in status:
+        f = status["feeds"]
+        print(f"feeds         {f['total']} known, {f['failing']} failing, {f['dead']} dead")
+        for feed in f["worst"]:
+            print(f"  {'DEAD ' if feed.get('dead') else ''}{feed.get('error_class') or '?':12s} "
+                  f"x{feed.get('consecutive_failures')}  {feed.get('feed_url')}")
+    if "dead_letters" in status:
+        d = status["dead_letters"]
+        print(f"dead letters  {d['total']} in all; last 24h by stage/reason:")
+        for key, count in d["last_24h_by_stage_reason"].items():
+            print(f"  {count:6d}  {key}")
+    if "alerts" in status:
+        print(f"alerts        {status['alerts']['total']} written, {status['alerts']['pending_delivery']} "
+              f"awaiting delivery")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "es":
+        return cmd_create_api_key(args)
+    settings = settings_from_args(args)
+    status = collect_status(connect(settings.elasticsearch), settings)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+    return 0

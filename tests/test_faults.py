@@ -1,0 +1,181 @@
+"""Fault injection against the real Elasticsearch: a TCP proxy in front of it refuses
+connections for 60 s while the pipeline streams. Counts are asserted exactly."""
+import threading
+import time
+from urllib.parse import urlsplit
+
+from tests.faultproxy import FaultProxy
+from tests.feedserver import rss
+from tests.test_end_to_end import newsbeam, write_config
+
+
+def items(start: int, count: int) -> list[dict]:
+    return [{"title": f"Harbour report {i}", "link": f"https://wire.example.org/harbour/{i}",
+             "html": f"<p>Dock workers in Rotterdam unloaded cargo ship number {i} on Tuesday.</p>"}
+            for i in range(start, start + count)]
+
+
+def test_elasticsearch_refusing_connections_for_60s_loses_and_doubles_nothing(tmp_path, es, es_settings,
+                                                                              feed_server):
+    target = urlsplit(es_settings.url)
+    proxy = FaultProxy(target.hostname, target.port)
+    served = items(0, 5)
+    feed = feed_server.serve("/harbour.xml", lambda: rss(served))
+    config = write_config(tmp_path, es_settings.__class__(**{**es_settings.__dict__, "url": proxy.url}),
+                          poll_interval=5)
+    timeline: dict[str, float] = {}
+
+    def outage():
+        time.sleep(20)
+        proxy.refuse()
+        timeline["down"] = time.time()
+        time.sleep(10)
+        served.extend(items(5, 5))  # published while Elasticsearch is away
+        time.sleep(50)
+        proxy.restore()
+        timeline["up"] = time.time()
+        time.sleep(5)
+        served.extend(items(10, 5))
+
+    threading.Thread(target=outage, daemon=True).start()
+    run = newsbeam("run", "--config", str(config), "--feed", feed, "--duration", "110", timeout=600)
+    proxy.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert timeline["up"] - timeline["down"] >= 59
+
+    es.indices.refresh(index=es_settings.articles_alias)
+    hits = es.search(index=es_settings.articles_alias, size=100,
+                     source_includes=["url", "indexed_at"])["hits"]["hits"]
+    urls = [h["_source"]["url"] for h in hits]
+    assert len(urls) == 15, "lost articles"
+    assert len(set(urls)) == 15, "duplicates"
+    assert es.count(index=es_settings.deadletter_index)["count"] == 0
+    # The backlog from the outage drained within 2 minutes of recovery.
+    backlog = [h for h in hits if h["_source"]["url"].rsplit("/", 1)[1] in {str(i) for i in range(5, 10)}]
+    last = max(time.mktime(time.strptime(h["_source"]["indexed_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+               for h in backlog)
+    assert last - timeline["up"] <= 120
+    print(f"\noutage 60s: 15 in, {len(urls)} indexed, 0 duplicates, backlog drained "
+          f"{last - timeline['up']:.0f}s after recovery")
+
+
+class FailingBulkClient:
+    """Wraps a real client: items whose id is in `reject_ids` answer 429 for the first
+    `times` attempts (they are not sent); every other item goes to the real server."""
+
+    def __init__(self, client, reject_ids: set[str], times: int):
+        self._client = client
+        self._reject = reject_ids
+        self._times = times
+        self._attempts: dict[str, int] = {}
+
+    def bulk(self, operations):
+        pairs = list(zip(operations[::2], operations[1::2]))
+        sent, items = [], []
+        for action, source in pairs:
+            (op, meta), = action.items()
+            self._attempts[meta["_id"]] = self._attempts.get(meta["_id"], 0) + 1
+            if meta["_id"] in self._reject and self._attempts[meta["_id"]] <= self._times:
+                items.append({op: {"_id": meta["_id"], "status": 429,
+                                   "error": {"type": "es_rejected_execution_exception", "reason": "injected"}}})
+            else:
+                items.append(None)
+                sent += [action, source]
+        real = iter(self._client.bulk(operations=sent)["items"]) if sent else iter(())
+        return {"errors": True, "items": [item or next(real) for item in items]}
+
+    def close(self):
+        self._client.close()
+
+
+class FlakyClientFactory:
+    def __init__(self, reject_ids: set[str], times: int):
+        self.reject_ids = reject_ids
+        self.times = times
+
+    def __call__(self, settings):
+        from transforms.elastic import connect
+        return FailingBulkClient(connect(settings, check=False), self.reject_ids, self.times)
+
+
+def articles(n: int, bad: set[int] = frozenset()) -> list[dict]:
+    return [{"article_id": f"a{i}", "url": f"https://wire.example.org/{i}", "title": f"story {i}",
+             "published_at": "not a date" if i in bad else "2020-05-21T14:05:00Z"} for i in range(n)]
+
+
+def run_index(settings, docs, client_factory=None):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from transforms.deadletter import DEAD
+    from transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
+
+    ensure_indices(connect(settings), settings)
+    pipeline = TestPipeline()
+    indexed = pipeline | beam.Create(docs) | IndexArticles(settings, client_factory)
+    indexed[DEAD] | WriteDeadLetters(settings)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(
+        MetricsFilter().with_namespace("newsbeam"))["counters"]}
+    return counters
+
+
+def test_30_percent_429s_are_retried_and_nothing_is_lost(es, es_settings):
+    docs = articles(200)
+    rejected = {d["article_id"] for d in docs[::3]}  # 67 of 200
+    counters = run_index(es_settings, docs, FlakyClientFactory(rejected, times=2))
+    es.indices.refresh(index=[es_settings.articles_alias, es_settings.deadletter_index])
+    assert es.count(index=es_settings.articles_alias)["count"] == 200
+    assert es.count(index=es_settings.deadletter_index)["count"] == 0
+    assert counters["index_written"] == 200
+    assert counters["index_retried"] == 2 * len(rejected)  # each rejected item retried twice
+    print(f"\n429s: 200 in, 200 indexed, {counters['index_retried']} retries, 0 dead letters")
+
+
+def test_k_mapping_errors_give_exactly_k_dead_letters(es, es_settings):
+    bad = {3, 50, 51, 99}
+    counters = run_index(es_settings, articles(120, bad))
+    es.indices.refresh(index=[es_settings.articles_alias, es_settings.deadletter_index])
+    assert es.count(index=es_settings.articles_alias)["count"] == 120 - len(bad)
+    dead = es.search(index=es_settings.deadletter_index, size=20)["hits"]["hits"]
+    assert sorted(d["_source"]["article_id"] for d in dead) == sorted(f"a{i}" for i in bad)
+    assert all(d["_source"]["stage"] == "index" and "published_at" in d["_source"]["error"] for d in dead)
+    assert counters["index_failed"] == len(bad)
+
+
+def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_settings, feed_server):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    served = items(0, 150)
+    feed = feed_server.serve("/harbour.xml", rss(served))
+    config = write_config(tmp_path, es_settings, poll_interval=5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--feed", feed],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    count = 0
+    while time.time() < deadline and count < 20:
+        time.sleep(0.5)
+        if es.indices.exists_alias(name=es_settings.articles_alias):
+            es.indices.refresh(index=es_settings.articles_alias)
+            count = es.count(index=es_settings.articles_alias)["count"]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    es.indices.refresh(index=es_settings.articles_alias)
+    at_kill = es.count(index=es_settings.articles_alias)["count"]
+    assert 20 <= at_kill < 150, f"kill must land mid-run, had {at_kill}"
+
+    run = newsbeam("run", "--config", str(config), "--feed", feed, "--duration", "15", timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    es.indices.refresh(index=es_settings.articles_alias)
+    total = es.count(index=es_settings.articles_alias)["count"]
+    unique = es.search(index=es_settings.articles_alias, size=0, aggs={
+        "urls": {"cardinality": {"field": "url"}}})["aggregations"]["urls"]["value"]
+    assert total == 150 and unique == 150
+    print(f"\nkill -9 at {at_kill}/150 indexed; after restart 150 indexed, 0 duplicates")

@@ -1,0 +1,178 @@
+"""Polite, adaptive polling: the schedule (intervals, feed hints, back-off, dead feeds),
+per-host politeness, and a stalled host that never holds back the others."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+from apache_beam.utils.timestamp import Timestamp
+
+from pipeline.config import ConfigError, Feed, FetchSettings, load_feeds, load_settings
+from tests.feedserver import rss
+from tests.hostileserver import HostileServer, respond, stall
+from transforms.feedstate import FeedState, max_age, on_failure, on_success
+from transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
+from transforms.parse import parse_document, refresh_hint
+from transforms.poll import PollShardFn
+
+SETTINGS = FetchSettings(allow_private_addresses=True, max_poll_interval=86_400, dead_after=3,
+                         dead_retry_interval=21_600, connect_timeout=1, read_timeout=1, total_timeout=4,
+                         per_host_delay=0.01)
+FEED = Feed(url="https://news.example.org/rss")
+NOW = 1_000_000.0
+
+
+def success(state: FeedState, items: list[str] | None, hint=None, status=200, feed=FEED, settings=SETTINGS):
+    return on_success(state, feed, now=NOW, status=status, items=items, etag=None, last_modified=None,
+                      digest=None, hint=hint, final_url=feed.url, default_interval=300, settings=settings)[0]
+
+
+def test_the_configured_interval_and_a_per_feed_override():
+    assert success(FeedState(FEED.url), ["a"]).next_due == NOW + 300
+    own = Feed(url=FEED.url, poll_interval=60)
+    assert success(FeedState(FEED.url), ["a"], feed=own).next_due == NOW + 60
+
+
+def test_feed_hints_slow_polling_down_but_never_speed_it_up():
+    assert success(FeedState(FEED.url), ["a"], hint=3600).next_due == NOW + 3600
+    assert success(FeedState(FEED.url), ["a"], hint=10).next_due == NOW + 300
+    assert success(FeedState(FEED.url), ["a"], hint=10 ** 9).next_due == NOW + 86_400  # capped
+
+
+def test_ttl_and_syndication_hints_and_cache_control_are_read():
+    doc = (b'<?xml version="1.0"?><rss version="2.0" xmlns:sy="http://purl.org/rss/1.0/modules/syndication/">'
+           b"<channel><title>t</title><ttl>30</ttl><sy:updatePeriod>hourly</sy:updatePeriod>"
+           b"<sy:updateFrequency>4</sy:updateFrequency></channel></rss>")
+    parsed = parse_document(FetchResult(FEED, FEED.url, 200, {}, doc, NOW, 0.1))
+    assert refresh_hint(parsed) == 1800  # ttl 30 min beats 4 per hour (900 s)
+    daily = doc.replace(b"<ttl>30</ttl>", b"").replace(b"hourly", b"daily").replace(b">4<", b">2<")
+    assert refresh_hint(parse_document(FetchResult(FEED, FEED.url, 200, {}, daily, NOW, 0.1))) == 43_200
+    assert max_age({"cache-control": "public, max-age=900"}) == 900
+    assert max_age({"cache-control": "no-cache"}) is None
+
+
+def test_feeds_that_do_not_change_are_polled_less_often_up_to_a_bound():
+    state = success(FeedState(FEED.url), ["a", "b"])
+    gaps = []
+    for _ in range(10):
+        state = success(state, ["a", "b"])  # same items again
+        gaps.append(state.next_due - NOW)
+    assert gaps[:2] == [300, 300]  # two unchanged polls before backing off
+    assert gaps[2] == 450 and gaps == sorted(gaps)
+    assert gaps[-1] == 300 * SETTINGS.unchanged_backoff_max
+    assert success(state, ["a", "b", "c"]).next_due == NOW + 300  # new items: back to the interval
+    assert success(state, None, status=304).unchanged_polls == state.unchanged_polls + 1
+    flat = dataclasses.replace(SETTINGS, unchanged_backoff_max=1)
+    assert success(state, ["a", "b"], settings=flat).next_due == NOW + 300
+
+
+def test_failures_back_off_then_the_feed_is_dead_then_it_recovers_by_itself():
+    state = FeedState(FEED.url)
+    delays = []
+    for _ in range(SETTINGS.dead_after):
+        state = on_failure(state, FEED, now=NOW, error_class="timeout", error="slow", status=None,
+                           retry_after=None, default_interval=300, settings=SETTINGS)
+        delays.append(state.next_due - NOW)
+    assert delays[:2] == [300, 600] and state.dead and state.consecutive_failures == 3
+    assert delays[-1] == SETTINGS.dead_retry_interval  # dead feeds are still tried, rarely
+    state = success(state, ["a"])
+    assert not state.dead and state.consecutive_failures == 0 and state.error_class is None
+    busy = on_failure(state, FEED, now=NOW, error_class="http_5xx", error="503", status=503, retry_after=7200,
+                      default_interval=300, settings=SETTINGS)
+    assert busy.next_due == NOW + 7200
+
+
+def test_shards_keep_a_host_together():
+    feeds = [Feed(url=f"https://host{i % 7}.example/feed{i}") for i in range(70)]
+    shards = shard_feeds(feeds, 4)
+    hosts_per_shard = [{f.url.split("/")[2] for f in group} for _, group in shards]
+    for i, hosts in enumerate(hosts_per_shard):
+        for other in hosts_per_shard[i + 1:]:
+            assert not hosts & other
+
+
+def test_polite_executor_limits_each_host_and_spaces_its_requests():
+    timers = _Timers("test-timers")
+    executor = PoliteExecutor(workers=8, per_host=2, delay=0.1, timers=timers)
+    active: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    starts: dict[str, list[float]] = {}
+    lock = threading.Lock()
+
+    def work(host: str) -> None:
+        with lock:
+            active[host] = active.get(host, 0) + 1
+            peak[host] = max(peak.get(host, 0), active[host])
+            starts.setdefault(host, []).append(time.monotonic())
+        time.sleep(0.15)
+        with lock:
+            active[host] -= 1
+
+    futures = [executor.submit(host, work, host) for host in ("a", "b") for _ in range(5)]
+    for future in futures:
+        future.result(timeout=10)
+    executor.shutdown()
+    timers.close()
+    assert peak == {"a": 2, "b": 2}
+    for host_starts in starts.values():
+        gaps = [b - a for a, b in zip(host_starts, host_starts[1:])]
+        assert min(gaps) >= 0.09
+
+
+class _State:
+    """Beam's ReadModifyWriteState, in memory, for calling the DoFn directly."""
+
+    def __init__(self):
+        self.value = None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+
+def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settings):
+    with HostileServer() as server, HostileServer(host="127.0.0.2") as slow_host:
+        fast = Feed(url=server.route("/fast.xml", respond(200, rss([{
+            "title": "Fast news", "link": "https://example.org/fast", "html": "<p>x</p>"}]),
+            {"Content-Type": "application/rss+xml"})))
+        slow = Feed(url=slow_host.route("/slow.xml", stall(10)))  # read timeout after 1 s
+        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=0.5, slack=0)
+        fn.setup()
+        fn.start_bundle()
+        try:
+            state = _State()
+            started = time.monotonic()
+            first = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state))
+            assert time.monotonic() - started < 1.5  # did not wait for the stalled host
+            assert [a["title"] for a in first if isinstance(a, dict)] == ["Fast news"]
+            assert slow.url in fn._in_flight
+            time.sleep(1.2)
+            fn.start_bundle()
+            later = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state))
+            health = [o.value for o in later if getattr(o, "tag", None) == "health"]
+            assert [(h["feed_url"], h["error_class"]) for h in health] == [(slow.url, "timeout")]
+            assert state.value[fast.url].next_due > time.time() + 200  # not polled again early
+        finally:
+            fn.teardown()
+
+
+def test_feed_and_fetch_settings_are_validated(tmp_path):
+    feeds_file = tmp_path / "feeds.yaml"
+    feeds_file.write_text("feeds:\n  - url: https://a.example/rss\n    poll_interval: 900\n    full_text: true\n"
+                          "  - https://b.example/rss\n")
+    first, second = load_feeds(feeds_file)
+    assert (first.poll_interval, first.full_text) == (900, True)
+    assert (second.poll_interval, second.full_text) == (None, False)
+    feeds_file.write_text("feeds:\n  - url: https://a.example/rss\n    full_text: yes please\n")
+    with pytest.raises(ConfigError, match="full_text must be true or false"):
+        load_feeds(feeds_file)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("fetch:\n  allow_private_addresses: 1\n")
+    with pytest.raises(ConfigError, match="allow_private_addresses must be true or false"):
+        load_settings(config)
+    config.write_text("fetch:\n  allow_private_addresses: true\n  per_host_delay: 0.5\n")
+    assert load_settings(config).fetch.allow_private_addresses and not FetchSettings().allow_private_addresses

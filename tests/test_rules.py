@@ -1,0 +1,172 @@
+"""Alert rules: the query language, malformed rules, and the two back-ends (the in-stream
+matcher and the Elasticsearch back-fill query) agreeing over a corpus in a real index."""
+import json
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import REPO
+from tests.feedserver import FIXTURES, fixture_articles
+from transforms.elastic import BulkWriter, connect, ensure_indices
+from transforms.rules import (And, Field, Not, Or, Rule, RuleError, RuleSyntaxError, Words, analyze, compile_rule,
+                              match, parse_duration, parse_query, parse_target, resolve, spacy_lemmatizer)
+from transforms.tagging import Tagger
+from transforms.topics import Taxonomy
+
+
+def test_the_query_language_parses_with_precedence_and_fields():
+    assert parse_query('ventilator AND entity:Russia') == And(
+        (Words("ventilator"), Field("entities", "Russia", "entity")))
+    # NOT binds tighter than AND, AND tighter than OR; side-by-side terms are ANDed.
+    assert parse_query('a OR b c NOT d') == Or((Words("a"), And((Words("b"), Words("c"), Not(Words("d"))))))
+    assert parse_query('(a OR b) AND "medical equipment"') == And(
+        (Or((Words("a"), Words("b"))), Words("medical equipment", quoted=True)))
+    assert parse_query('topic:"medical equipment aid" person:Putin org:Kremlin location:“New York” '
+                       'source:reuters.com language:en') == And((
+                           Field("topics", "medical equipment aid", "topic"), Field("persons", "Putin", "person"),
+                           Field("organizations", "Kremlin", "org"), Field("locations", "New York", "location"),
+                           Field("source", "reuters.com", "source"), Field("language", "en", "language")))
+    # Lower-case operators are words; a colon after digits is not a field.
+    assert parse_query("war and peace 12:30") == And((Words("war"), Words("and"), Words("peace"), Words("12:30")))
+
+
+@pytest.mark.parametrize("query, position, problem", [
+    ("", 0, "empty query"),
+    ("ventilator AND", 14, "'AND' needs a word"),
+    ("ventilator AND (", 16, "'(' needs a word"),
+    ("OR russia", 0, "'OR' needs a term before it"),
+    ("(mask OR ventilator", 0, "this '(' is never closed"),
+    ("mask) OR x", 4, "')' without a matching '('"),
+    ("mask AND () ", 9, "empty parentheses"),
+    ('ventilator "medical equipment', 11, "this quote is never closed"),
+    ('x ""', 2, "empty phrase"),
+    ("title:ventilator", 0, "unknown field 'title'"),
+    ("x AND topic:", 6, "topic: needs a value"),
+    ("russia -sport", 7, "use NOT sport"),
+    ("x AND NOT", 9, "'NOT' needs a word"),
+    ("mask AND OR x", 9, "'AND' needs a word"),
+    ("&&", 0, "has no letters or digits"),
+])
+def test_malformed_queries_are_refused_with_the_position(query, position, problem):
+    with pytest.raises(RuleSyntaxError) as caught:
+        parse_query(query)
+    assert caught.value.position == position
+    assert problem in caught.value.problem
+    message = str(caught.value)
+    assert f"at position {position + 1}" in message
+    # The message shows the query and a caret under the problem.
+    assert message.splitlines()[-1] == "  " + " " * position + "^"
+
+
+def test_rules_are_validated_whole():
+    targets = ("webhook:http://127.0.0.1:9/x", "log", "webhook:http://127.0.0.1:9/x", "email:a@example.org, b@example.org")
+    rule = Rule("desk-1", "ventilator", notify=targets, digest_seconds=parse_duration("15m"))
+    assert rule.notify == ("webhook:http://127.0.0.1:9/x", "log", "email:a@example.org,b@example.org")
+    assert rule.digest_seconds == 900
+    assert parse_target("slack:https://hooks.example.org/T/B").kind == "slack"
+    for bad in ("webhook:ftp://x", "email:nobody", "pager:123", "slack:"):
+        with pytest.raises(RuleError):
+            parse_target(bad)
+    with pytest.raises(RuleError, match="rule name"):
+        Rule("no spaces allowed", "x")
+    with pytest.raises(RuleError, match="duration"):
+        parse_duration("15 minutes")
+    with pytest.raises(RuleSyntaxError):
+        Rule("ok", "x AND")
+    with pytest.raises(RuleError, match="unknown key"):
+        Rule.from_doc({"name": "x", "query": "y", "realert": "5m"})
+    stored = Rule.from_doc({"name": "x", "query": "y", "topic": "sport", "digest": "1h", "enabled": False})
+    assert (stored.topics, stored.digest_seconds, stored.enabled) == (("sport",), 3600, False)
+    assert Rule.from_doc(stored.to_doc()) == stored
+
+
+def test_the_analyzer_tokenizes_like_the_standard_analyzer(es, nlp):
+    samples = ["u.s. 1,000 ventilator covid-19 's o'brien a:b 3.5 a.1 foo_bar 12:30 x.y.z ’s it‘s don’t e-mail "
+               "東京都 café naïve 1.2.3 3½ m² ©2020 ⭐ ► ● 😷 #tag @user $100 50% 2020-05-21"]
+    tagger = Tagger(nlp, Taxonomy.load(REPO / "configs" / "topics.yaml"), _settings())
+    samples += [article["lemmas"] for article in tagger.tag_articles(
+        [{"title": a["title"], "content_html": a["html"]} for a in _fixture_items()])]
+    for text in samples:
+        expected = tuple(t["token"] for t in es.indices.analyze(analyzer="standard", text=text)["tokens"])
+        assert analyze(text) == expected
+
+
+def test_query_words_are_lemmatized_like_article_text(nlp):
+    tree = resolve(parse_query('ventilators AND "medical supplies" AND shipping AND data'), spacy_lemmatizer(nlp))
+    assert [w.forms for w in tree.children] == [
+        (("ventilator",), ("ventilators",)), (("medical", "supply"), ("medical", "supplies")), (("shipping",),),
+        (("datum",), ("data",))]
+
+
+def _settings():
+    from pipeline.config import load_settings
+    return load_settings(REPO / "configs" / "pipeline.yaml")
+
+
+def _fixture_items() -> list[dict]:
+    return list(fixture_articles().values()) + json.loads((FIXTURES / "alert_articles.json").read_text())
+
+
+@pytest.fixture
+def corpus(nlp, es, settings):
+    """The fixture articles enriched by the pipeline's own functions and indexed."""
+    tagger = Tagger(nlp, Taxonomy.load(settings.topics_file), settings)
+    raw = [{"article_id": item["key"], "url": item["link"], "title": item["title"], "content_html": item["html"],
+            "source": urlsplit(item["link"]).hostname, "language": item.get("language", "en"),
+            "nlp_skipped": item.get("language", "en") != "en"} for item in _fixture_items()]
+    articles = tagger.tag_articles(raw)
+    client = connect(settings.elasticsearch)
+    ensure_indices(client, settings.elasticsearch)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    outcomes = BulkWriter(client, settings.elasticsearch.articles_alias, "article_id").write(
+        [{**a, "indexed_at": stamp} for a in articles])
+    assert {outcome for outcome, _ in outcomes} == {"written"}
+    es.indices.refresh(index=settings.elasticsearch.articles_alias)
+    return articles
+
+
+# Rules over the corpus, with the articles each must match: both back-ends are held to it.
+RULES = {
+    "ventilators": {"ventilators", "reuters-ventilators", "hospital-masks", "medical-phrase", "channel-injection"},
+    "ventilator AND entity:Russia": {"ventilators", "reuters-ventilators"},
+    'ventilator AND entity:russia AND NOT source:example.org': {"reuters-ventilators"},
+    '"medical equipment"': {"ventilators", "medical-phrase"},
+    '"equipment medical"': set(),
+    "shipped": {"ventilators", "reuters-ventilators"},
+    "shipping": {"bbc-shipping"},
+    "person:Putin": {"ventilators", "reuters-ventilators", "putin-oil"},
+    'person:"vladimir putin" AND NOT org:OPEC': {"ventilators", "reuters-ventilators"},
+    "location:york": {"hospital-masks"},
+    "location:yor": set(),
+    "source:reuters.com": {"reuters-ventilators", "putin-oil"},
+    "source:euters.com": set(),
+    "language:de": {"german-aid"},
+    "beatmungsgeräte": set(),  # German is not lemmatized by the English model: no lemmas
+    'topic:"natural disasters"': {"floods"},
+    "(mask OR gown) AND location:\"New York\"": {"hospital-masks"},
+    "1,000 masks": {"reuters-ventilators"},
+    "u.s. AND ventilator": {"ventilators", "reuters-ventilators"},
+    "oil NOT (opec OR saudi)": {"ventilators"},
+    "NOT (ventilator OR flood OR election OR putin)": {"chips", "late", "bbc-shipping", "football", "german-aid"},
+    "bundesliga title": {"football"},
+    "script": {"channel-injection"},
+}
+
+
+def test_stream_matcher_and_backfill_query_agree(corpus, es, settings, nlp):
+    lemmatize = spacy_lemmatizer(nlp)
+    for query, expected in RULES.items():
+        compiled = compile_rule(Rule("consistency", query), lemmatize)
+        in_stream = {a["article_id"] for a in corpus if match(compiled.tree, a) is not None}
+        hits = es.search(index=settings.elasticsearch.articles_alias, query=compiled.es_query(), size=100,
+                         source_includes=["article_id"])["hits"]["hits"]
+        backfill = {hit["_source"]["article_id"] for hit in hits}
+        assert in_stream == backfill == expected, query
+
+
+def test_a_match_reports_its_terms(corpus, nlp):
+    article = next(a for a in corpus if a["article_id"] == "reuters-ventilators")
+    tree = resolve(parse_query('(ventilators OR gowns) AND entity:Russia AND NOT sport'), spacy_lemmatizer(nlp))
+    assert [node.label() for node in match(tree, article)] == ["ventilators", "entity:Russia"]
+    assert match(tree, next(a for a in corpus if a["article_id"] == "football")) is None

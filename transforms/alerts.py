@@ -1,0 +1,330 @@
+"""MatchAlerts: every enriched article against every active alert rule, in the stream.
+
+    enriched articles -> MatchRules -> CreateAlerts (newsbeam-alerts, op create) -> articles
+                                                    `-> Outbox (delivery, in the worker process)
+
+* Rules live in the `newsbeam-rules` index (`newsbeam alerts add|import|...`). Each DoFn
+  instance keeps them in a `RuleBook` that re-reads the index when it is older than
+  `reload_seconds` (the smaller of `alerts.reload_interval` and the poll interval), so
+  added, changed, disabled and removed rules take effect within one poll interval, on every
+  runner, without a side input.
+* An alert's `_id` is a hash of (rule, article_id) and it is written with `create`: a
+  re-processed article gets a 409, which means "already alerted", and nothing is sent.
+  Only a successful create enqueues notifications: the alert document itself carries one
+  pending delivery per target, and the process's `Outbox` (transforms/delivery.py) sends
+  them, retries them and marks them delivered.
+* Articles leave MatchAlerts (on to IndexArticles) only after their alerts are stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from typing import Any, Callable, Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
+
+from pipeline.config import AlertSettings, ElasticsearchSettings, Settings
+from transforms.batching import BatchingDoFn
+from transforms.deadletter import DEAD, dead_letter
+from transforms.delivery import Outbox, iso, new_deliveries, summarize
+from transforms.elastic import RETRY_STATUSES, BulkWriter, connect
+from transforms.entities import load_model
+from transforms.rules import (ArticleView, CompiledRule, Lemmatizer, Node, Rule, RuleError, compile_rule,
+                              spacy_lemmatizer, term_forms)
+
+_LOG = logging.getLogger(__name__)
+
+_KEYWORD = {"type": "keyword", "ignore_above": 1024}
+_DATE = {"type": "date", "format": "strict_date_optional_time||epoch_millis"}
+_TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}}
+_INDEX_SETTINGS = {"index.auto_expand_replicas": "0-1", "number_of_shards": 1}
+
+RULE_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {
+        "name": _KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
+        "topics": _KEYWORD, "sources": _KEYWORD, "languages": _KEYWORD, "notify": _KEYWORD,
+        "digest_seconds": {"type": "integer"}, "enabled": {"type": "boolean"},
+        "created_at": _DATE, "updated_at": _DATE,
+    },
+}
+
+ALERT_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {
+        "alert_id": _KEYWORD, "rule": _KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
+        "article_id": _KEYWORD, "title": _TEXT_WITH_KEYWORD, "url": _KEYWORD, "source": _KEYWORD,
+        "publisher": _KEYWORD, "published_at": _DATE, "fetched_at": _DATE, "topics": _KEYWORD,
+        "matched_terms": _KEYWORD, "snippet": {"type": "text"}, "matched_at": _DATE,
+        "pending_targets": _KEYWORD, "next_attempt": _DATE,
+        "deliveries": {"properties": {
+            "target": _KEYWORD, "status": _KEYWORD, "attempts": {"type": "integer"},
+            "digest_seconds": {"type": "integer"}, "next_attempt": _DATE, "claimed_until": _DATE,
+            "delivered_at": _DATE, "last_error": {"type": "text", "index": False}}},
+    },
+}
+
+
+def ensure_alert_indices(client: Elasticsearch, settings: AlertSettings) -> None:
+    """Creates the rules and alerts indices when missing (idempotent, safe to race)."""
+    for index, mappings in ((settings.rules_index, RULE_MAPPINGS), (settings.alerts_index, ALERT_MAPPINGS)):
+        if client.indices.exists(index=index):
+            continue
+        try:
+            client.indices.create(index=index, mappings=mappings, settings=_INDEX_SETTINGS)
+        except ApiError as err:
+            if err.error != "resource_already_exists_exception":
+                raise
+
+
+def read_rules(client: Elasticsearch, index: str, enabled_only: bool = True) -> list[Rule]:
+    """The stored rules (a stored document that is no longer valid is skipped, logged)."""
+    query = {"term": {"enabled": True}} if enabled_only else {"match_all": {}}
+    try:
+        hits = client.search(index=index, query=query, size=10_000, sort=[{"name": "asc"}])["hits"]["hits"]
+    except NotFoundError:
+        return []
+    rules = []
+    for hit in hits:
+        try:
+            rules.append(Rule.from_doc(hit["_source"], f"{index}/{hit['_id']}"))
+        except RuleError as err:
+            _LOG.warning("skipping stored alert rule: %s", err)
+    return rules
+
+
+class RuleBook:
+    """The active rules, compiled, re-read from Elasticsearch when older than `ttl` seconds.
+    When Elasticsearch cannot be read the last rules stay in force."""
+
+    def __init__(self, client: Elasticsearch, index: str, ttl: float, lemmatizer: Callable[[], Lemmatizer]):
+        self._client = client
+        self._index = index
+        self._ttl = ttl
+        self._lemmatizer = lemmatizer
+        self._loaded_at = float("-inf")
+        self._rules: list[CompiledRule] = []
+        self._compiled: dict[str, CompiledRule] = {}
+
+    def current(self) -> list[CompiledRule]:
+        if time.monotonic() - self._loaded_at >= self._ttl:
+            try:
+                rules = read_rules(self._client, self._index)
+                self._rules = [self._compile(rule) for rule in rules]
+                self._loaded_at = time.monotonic()
+            except (ApiError, TransportError) as err:
+                _LOG.warning("cannot reload alert rules (%s); keeping %d", type(err).__name__, len(self._rules))
+        return self._rules
+
+    def _compile(self, rule: Rule) -> CompiledRule:
+        key = json.dumps(rule.to_doc(), sort_keys=True)
+        if key not in self._compiled:  # lemmatizing costs a spaCy call: once per rule version
+            if len(self._compiled) > 10_000:  # old versions of changed rules
+                self._compiled.clear()
+            self._compiled[key] = compile_rule(rule, self._lemmatizer())
+        return self._compiled[key]
+
+
+# --- alert documents ---------------------------------------------------------------------
+
+def alert_id(rule: str, article_id: str) -> str:
+    return hashlib.sha256(f"{rule}\x00{article_id}".encode("utf-8")).hexdigest()[:32]
+
+
+_TEXT_WORD = re.compile(r"\w+(?:['’.]\w+)*")
+
+
+def _highlights(word: str, forms: set[str]) -> bool:
+    """A text word shows a matched lemma: the same, or an inflection of it (ventilator ->
+    ventilators, ship -> shipped)."""
+    word = word.lower()
+    return word in forms or any(word.startswith(f) and len(f) >= 3 and len(word) - len(f) <= 3 for f in forms)
+
+
+def snippet(text: str, words: list[str], width: int = 280) -> str:
+    """Up to `width` characters of `text` around the first matched word, matches as **word**."""
+    forms = set(words)
+    spans = [m.span() for m in _TEXT_WORD.finditer(text) if _highlights(m.group(), forms)]
+    start = max(0, spans[0][0] - width // 3) if spans else 0
+    if start:
+        start = text.find(" ", start) + 1 or start
+    end = min(len(text), start + width)
+    if end < len(text) and (cut := text.rfind(" ", start, end)) > start:
+        end = cut
+    parts, cursor = [], start
+    for begin, finish in spans:
+        if begin >= start and finish <= end:
+            parts += [text[cursor:begin], "**", text[begin:finish], "**"]
+            cursor = finish
+    parts.append(text[cursor:end])
+    body = " ".join("".join(parts).split())
+    return ("…" if start else "") + body + ("…" if end < len(text) else "")
+
+
+def build_alert(rule: Rule, article: dict[str, Any], hits: list[Node], now: float) -> dict[str, Any]:
+    """The alert document for one (rule, article) match, with its pending deliveries."""
+    text = article.get("body") or article.get("summary") or article.get("title") or ""
+    doc = {
+        "alert_id": alert_id(rule.name, article["article_id"]),
+        "rule": rule.name,
+        "query": rule.query,
+        **{key: article.get(key) for key in ("article_id", "title", "url", "source", "publisher", "published_at",
+                                              "fetched_at")},
+        "topics": list(article.get("topics") or []),
+        "matched_terms": [node.label() for node in hits],
+        "snippet": snippet(text, term_forms(hits)),
+        "matched_at": iso(now),
+        "deliveries": new_deliveries(rule.targets(), rule.digest_seconds, now),
+    }
+    return summarize(doc)
+
+
+# --- the transform -----------------------------------------------------------------------
+
+class _ModelBox:
+    """Shared.acquire needs a weak-referenceable object."""
+
+    def __init__(self, lemmatize: Lemmatizer):
+        self.lemmatize = lemmatize
+
+
+class MatchRulesFn(beam.DoFn):
+    """Article -> (article, alert documents of the active rules it matches)."""
+
+    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings, model: str, reload_seconds: float,
+                 model_handle: shared.Shared):
+        self._es = es
+        self._alerts = alerts
+        self._model = model
+        self._reload_seconds = reload_seconds
+        self._model_handle = model_handle
+        self._matched = Metrics.counter("newsbeam", "alerts_matched")
+
+    def setup(self) -> None:
+        self._client = connect(self._es, check=False)
+        self._book = RuleBook(self._client, self._alerts.rules_index, self._reload_seconds, self._lemmatizer)
+
+    def _lemmatizer(self) -> Lemmatizer:
+        # The spaCy model is loaded only once a rule exists, and once per process.
+        def load() -> _ModelBox:
+            return _ModelBox(spacy_lemmatizer(load_model(self._model)))
+        return self._model_handle.acquire(load).lemmatize
+
+    def process(self, article: dict[str, Any]) -> Iterator[Any]:
+        try:
+            rules = self._book.current()
+            view = ArticleView(article) if rules else None
+            now = time.time()
+            alerts = [build_alert(c.rule, article, hits, now) for c in rules if (hits := c.match(view)) is not None]
+        except Exception as err:  # a bad article (or rule) is a dead letter; the article is still indexed
+            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+                "alerts", type(err).__name__, str(err), feed_url=article.get("feed_url", ""),
+                article_id=article.get("article_id", ""), url=article.get("url", "")))
+            alerts = []
+        self._matched.inc(len(alerts))
+        yield article, alerts
+
+    def teardown(self) -> None:
+        self._client.close()
+
+
+class CreateAlertsFn(BatchingDoFn):
+    """(article, alerts) -> the article, once its alerts are created in bulk. `create`
+    makes a second match of the same rule and article a 409, which is dropped; a created
+    alert goes to the `created` output and wakes the process's outbox.
+
+    Articles leave only after their alerts are stored, so an article that reached the
+    index has its alerts: a restart, which skips indexed articles, loses none."""
+
+    batch_size = 50
+
+    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings):
+        self._es = es
+        self._alerts = alerts
+        self._created = Metrics.counter("newsbeam", "alerts_created")
+        self._existing = Metrics.counter("newsbeam", "alerts_already_present")
+        self._failed = Metrics.counter("newsbeam", "alerts_failed")
+
+    def setup(self) -> None:
+        self._client = connect(self._es, check=False)
+        self._indices_ready = False
+        self._writer = BulkWriter(self._client, self._alerts.alerts_index, "alert_id", "create")
+        # Started here, so a worker also sends what an earlier run left pending.
+        self._outbox = Outbox.shared(self._es, self._alerts)
+
+    def handle_batch(self, pairs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> Iterator[list[Any]]:
+        alerts = [alert for _, matched in pairs for alert in matched]
+        if alerts:
+            self._ensure_indices()
+        outcomes = iter(self._writer.write(alerts) if alerts else [])
+        if alerts:
+            self._outbox.wake()
+        for article, matched in pairs:
+            outputs: list[Any] = []
+            for alert in matched:
+                outcome, detail = next(outcomes)
+                if outcome == "written":
+                    self._created.inc()
+                    outputs.append(beam.pvalue.TaggedOutput(CREATED, alert))
+                elif outcome == "exists":
+                    self._existing.inc()
+                else:
+                    self._failed.inc()
+                    outputs.append(beam.pvalue.TaggedOutput(DEAD, dead_letter(
+                        "alerts", "rejected_by_elasticsearch", detail, article_id=alert.get("article_id", ""),
+                        url=alert.get("url", ""), payload=json.dumps(alert, default=str))))
+            yield outputs + [article]
+
+    def _ensure_indices(self) -> None:
+        """Before the first write (never auto-create the index with guessed mappings); waits
+        out an unreachable Elasticsearch like the bulk writer does."""
+        attempt = 0
+        while not self._indices_ready:
+            try:
+                ensure_alert_indices(self._client, self._alerts)
+                self._indices_ready = True
+            except (ApiError, TransportError) as err:
+                if isinstance(err, ApiError) and err.meta.status not in RETRY_STATUSES:
+                    raise
+                delay = min(30.0, 0.5 * 2 ** attempt)
+                _LOG.warning("cannot create the alert indices yet (%s); retrying in %.0fs", type(err).__name__, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def teardown(self) -> None:
+        # Give alerts created at the very end of a bounded run their first delivery attempt.
+        self._outbox.flush(timeout=self._alerts.webhook_timeout + 5)
+        self._client.close()
+
+
+CREATED = "created"
+STORE_DEAD = "store_dead"
+
+
+class MatchAlerts(beam.PTransform):
+    """Enriched articles -> `articles` (the same, each once its alerts are stored), the
+    alert documents `created` in `alerts.alerts_index`, whose notifications the outbox
+    delivers, and dead letters of matching (`dead`) and of storing (`store_dead`)."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self._es = settings.elasticsearch
+        self._alerts = settings.alerts
+        self._model = settings.nlp.model
+        self._reload_seconds = min(settings.alerts.reload_interval, settings.poll_interval)
+
+    def expand(self, articles):
+        matched = articles | "MatchRules" >> beam.ParDo(MatchRulesFn(
+            self._es, self._alerts, self._model, self._reload_seconds, shared.Shared())).with_outputs(
+            DEAD, main="matched")
+        stored = matched.matched | "CreateAlerts" >> beam.ParDo(
+            CreateAlertsFn(self._es, self._alerts)).with_outputs(CREATED, DEAD, main="articles")
+        # Two dead-letter outputs, not one Flatten: see WriteDeadLetters.
+        return {"articles": stored.articles, CREATED: stored[CREATED], DEAD: matched[DEAD],
+                STORE_DEAD: stored[DEAD]}
