@@ -152,9 +152,17 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
 
     from tests.conftest import REPO
 
-    served = items(0, 150)
-    feed = feed_server.serve("/harbour.xml", rss(served))
-    config = write_config(tmp_path, es_settings, poll_interval=5)
+    # The feed grows by 15 items every 2 s, so the kill always lands before all 150 exist.
+    served = items(0, 15)
+    feed = feed_server.serve("/harbour.xml", lambda: rss(served))
+    config = write_config(tmp_path, es_settings, poll_interval=2)
+
+    def publish():
+        while len(served) < 150:
+            time.sleep(2)
+            served.extend(items(len(served), 15))
+
+    threading.Thread(target=publish, daemon=True).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--feed", feed],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -170,6 +178,8 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
     es.indices.refresh(index=es_settings.articles_alias)
     at_kill = es.count(index=es_settings.articles_alias)["count"]
     assert 20 <= at_kill < 150, f"kill must land mid-run, had {at_kill}"
+    while len(served) < 150:  # the restarted pipeline sees the whole feed
+        time.sleep(0.5)
 
     run = newsbeam("run", "--config", str(config), "--feed", feed, "--duration", "15", timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
