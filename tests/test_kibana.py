@@ -15,7 +15,6 @@ import email.parser
 import email.policy
 import importlib
 import json
-from collections import Counter
 import re
 import shutil
 import subprocess
@@ -480,7 +479,7 @@ def test_every_lens_panel_aggregates_the_fixture_articles(stack):
     assert fields == ["topics", "published_at"]
     by_topic = {b["key"]: sum(d["doc_count"] for d in b["b1"]["buckets"]) for b in topics}
     docs = client.search(index=indices["news-articles"], size=100, source_includes=["topics"])["hits"]["hits"]
-    assert by_topic == Counter(topic for doc in docs for topic in doc["_source"].get("topics", []))
+    assert by_topic == collections.Counter(topic for doc in docs for topic in doc["_source"].get("topics", []))
     assert by_topic["medical equipment aid"] == 2 and by_topic["natural disasters"] == 1
     assert [(b["key"], b["doc_count"]) for b in results["Top sources"][1]] == [("news.example.org", 3),
                                                                              ("wire.example.net", 2)]
