@@ -33,7 +33,7 @@ from tests.conftest import REPO
 from tests.fixture_corpus import index_fixture_articles
 from transforms.deadletter import dead_letter
 from transforms.feedstate import FeedState, health_doc
-from transforms.elastic import _DATE, _KEYWORD, _TEXT_WITH_KEYWORD, BulkWriter, connect, ensure_indices
+from transforms.elastic import DATE, KEYWORD, TEXT_WITH_KEYWORD, BulkWriter, connect, ensure_indices
 
 OBJECTS = load_objects()
 BY_KEY = {(obj["type"], obj["id"]): obj for obj in OBJECTS}
@@ -62,9 +62,9 @@ ALLOWED_ATTRIBUTES = {
 
 # The alerts index belongs to the alerts module. Until it defines the mapping, this is the contract
 # the saved objects are written against (field -> mapping).
-EXPECTED_ALERT_MAPPING = {"rule": _KEYWORD, "article_id": _KEYWORD, "title": _TEXT_WITH_KEYWORD, "url": _KEYWORD,
-                          "source": _KEYWORD, "matched_terms": _KEYWORD, "snippet": {"type": "text"},
-                          "matched_at": _DATE}
+EXPECTED_ALERT_MAPPING = {"rule": KEYWORD, "article_id": KEYWORD, "title": TEXT_WITH_KEYWORD, "url": KEYWORD,
+                          "source": KEYWORD, "matched_terms": KEYWORD, "snippet": {"type": "text"},
+                          "matched_at": DATE}
 
 
 def alert_mapping() -> tuple[dict | None, str]:

@@ -33,40 +33,36 @@ from pipeline.config import AlertSettings, ElasticsearchSettings, Settings
 from transforms.batching import BatchingDoFn
 from transforms.deadletter import DEAD, dead_letter
 from transforms.delivery import Outbox, iso, new_deliveries, summarize
-from transforms.elastic import RETRY_STATUSES, BulkWriter, connect
+from transforms.elastic import (DATE, INDEX_SETTINGS, KEYWORD, RETRY_STATUSES, TEXT_WITH_KEYWORD, BulkWriter,
+                                connect)
 from transforms.entities import load_model
 from transforms.rules import (ArticleView, CompiledRule, Lemmatizer, Node, Rule, RuleError, compile_rule,
                               spacy_lemmatizer, term_forms)
 
 _LOG = logging.getLogger(__name__)
 
-_KEYWORD = {"type": "keyword", "ignore_above": 1024}
-_DATE = {"type": "date", "format": "strict_date_optional_time||epoch_millis"}
-_TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}}
-_INDEX_SETTINGS = {"index.auto_expand_replicas": "0-1", "number_of_shards": 1}
-
 RULE_MAPPINGS: dict[str, Any] = {
     "dynamic": False,
     "properties": {
-        "name": _KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
-        "topics": _KEYWORD, "sources": _KEYWORD, "languages": _KEYWORD, "notify": _KEYWORD,
+        "name": KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
+        "topics": KEYWORD, "sources": KEYWORD, "languages": KEYWORD, "notify": KEYWORD,
         "digest_seconds": {"type": "integer"}, "enabled": {"type": "boolean"},
-        "created_at": _DATE, "updated_at": _DATE,
+        "created_at": DATE, "updated_at": DATE,
     },
 }
 
 ALERT_MAPPINGS: dict[str, Any] = {
     "dynamic": False,
     "properties": {
-        "alert_id": _KEYWORD, "rule": _KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
-        "article_id": _KEYWORD, "title": _TEXT_WITH_KEYWORD, "url": _KEYWORD, "source": _KEYWORD,
-        "publisher": _KEYWORD, "published_at": _DATE, "fetched_at": _DATE, "topics": _KEYWORD,
-        "matched_terms": _KEYWORD, "snippet": {"type": "text"}, "matched_at": _DATE,
-        "pending_targets": _KEYWORD, "next_attempt": _DATE,
+        "alert_id": KEYWORD, "rule": KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
+        "article_id": KEYWORD, "title": TEXT_WITH_KEYWORD, "url": KEYWORD, "source": KEYWORD,
+        "publisher": KEYWORD, "published_at": DATE, "fetched_at": DATE, "topics": KEYWORD,
+        "matched_terms": KEYWORD, "snippet": {"type": "text"}, "matched_at": DATE,
+        "pending_targets": KEYWORD, "next_attempt": DATE,
         "deliveries": {"properties": {
-            "target": _KEYWORD, "status": _KEYWORD, "attempts": {"type": "integer"},
-            "digest_seconds": {"type": "integer"}, "next_attempt": _DATE, "claimed_until": _DATE,
-            "delivered_at": _DATE, "last_error": {"type": "text", "index": False}}},
+            "target": KEYWORD, "status": KEYWORD, "attempts": {"type": "integer"},
+            "digest_seconds": {"type": "integer"}, "next_attempt": DATE, "claimed_until": DATE,
+            "delivered_at": DATE, "last_error": {"type": "text", "index": False}}},
     },
 }
 
@@ -77,7 +73,7 @@ def ensure_alert_indices(client: Elasticsearch, settings: AlertSettings) -> None
         if client.indices.exists(index=index):
             continue
         try:
-            client.indices.create(index=index, mappings=mappings, settings=_INDEX_SETTINGS)
+            client.indices.create(index=index, mappings=mappings, settings=INDEX_SETTINGS)
         except ApiError as err:
             if err.error != "resource_already_exists_exception":
                 raise

@@ -25,41 +25,41 @@ from transforms.deadletter import DEAD, dead_letter
 _LOG = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-_KEYWORD = {"type": "keyword", "ignore_above": 1024}
-_DATE = {"type": "date", "format": "strict_date_optional_time||epoch_millis"}
-_TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}}
-_COMMON_SETTINGS = {"index.auto_expand_replicas": "0-1", "number_of_shards": 1}
+KEYWORD = {"type": "keyword", "ignore_above": 1024}
+DATE = {"type": "date", "format": "strict_date_optional_time||epoch_millis"}
+TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}}
+INDEX_SETTINGS = {"index.auto_expand_replicas": "0-1", "number_of_shards": 1}
 
 ARTICLE_MAPPINGS: dict[str, Any] = {
     "dynamic": False,
     # Lemmas are searchable (alerts and back-fill match on them) but not kept in _source.
     "_source": {"excludes": ["lemmas"]},
     "properties": {
-        "article_id": _KEYWORD, "url": _KEYWORD, "guid": _KEYWORD,
-        "title": _TEXT_WITH_KEYWORD, "summary": {"type": "text"}, "body": {"type": "text"},
+        "article_id": KEYWORD, "url": KEYWORD, "guid": KEYWORD,
+        "title": TEXT_WITH_KEYWORD, "summary": {"type": "text"}, "body": {"type": "text"},
         "lemmas": {"type": "text"},
-        "feed_url": _KEYWORD, "source": _KEYWORD, "publisher": _KEYWORD, "author": _KEYWORD,
-        "language": _KEYWORD,
+        "feed_url": KEYWORD, "source": KEYWORD, "publisher": KEYWORD, "author": KEYWORD,
+        "language": KEYWORD,
         # Syndicated copies share a story_id (transforms/neardup.py); the bands find them.
-        "story_id": _KEYWORD, "story_bands": _KEYWORD,
+        "story_id": KEYWORD, "story_bands": KEYWORD,
         "story_minhash": {"type": "keyword", "index": False, "doc_values": False},
-        "body_source": _KEYWORD, "nlp_skipped": {"type": "boolean"},
-        "published_at": _DATE, "fetched_at": _DATE, "indexed_at": _DATE,
-        "entities": {"properties": {"name": _KEYWORD, "label": _KEYWORD, "text": _KEYWORD,
+        "body_source": KEYWORD, "nlp_skipped": {"type": "boolean"},
+        "published_at": DATE, "fetched_at": DATE, "indexed_at": DATE,
+        "entities": {"properties": {"name": KEYWORD, "label": KEYWORD, "text": KEYWORD,
                                     "count": {"type": "integer"}}},
-        "persons": _KEYWORD, "organizations": _KEYWORD, "locations": _KEYWORD,
-        "topics": _KEYWORD,
-        "topic_evidence": {"properties": {"topic": _KEYWORD, "score": {"type": "float"},
-                                          "evidence": _KEYWORD}},
+        "persons": KEYWORD, "organizations": KEYWORD, "locations": KEYWORD,
+        "topics": KEYWORD,
+        "topic_evidence": {"properties": {"topic": KEYWORD, "score": {"type": "float"},
+                                          "evidence": KEYWORD}},
     },
 }
 
 DEADLETTER_MAPPINGS: dict[str, Any] = {
     "dynamic": False,
     "properties": {
-        "dead_letter_id": _KEYWORD, "stage": _KEYWORD, "reason": _KEYWORD,
-        "error": {"type": "text"}, "feed_url": _KEYWORD, "article_id": _KEYWORD, "url": _KEYWORD,
-        "failed_at": _DATE, "payload": {"type": "text", "index": False},
+        "dead_letter_id": KEYWORD, "stage": KEYWORD, "reason": KEYWORD,
+        "error": {"type": "text"}, "feed_url": KEYWORD, "article_id": KEYWORD, "url": KEYWORD,
+        "failed_at": DATE, "payload": {"type": "text", "index": False},
     },
 }
 
@@ -67,10 +67,10 @@ DEADLETTER_MAPPINGS: dict[str, Any] = {
 FEED_MAPPINGS: dict[str, Any] = {
     "dynamic": False,
     "properties": {
-        "feed_id": _KEYWORD, "feed_url": _KEYWORD, "final_url": _KEYWORD, "name": _KEYWORD,
-        "publisher": _KEYWORD, "host": _KEYWORD, "last_attempt": _DATE, "last_success": _DATE,
-        "last_change": _DATE, "next_poll": _DATE, "updated_at": _DATE, "http_status": {"type": "integer"},
-        "error_class": _KEYWORD, "error": {"type": "text"}, "consecutive_failures": {"type": "integer"},
+        "feed_id": KEYWORD, "feed_url": KEYWORD, "final_url": KEYWORD, "name": KEYWORD,
+        "publisher": KEYWORD, "host": KEYWORD, "last_attempt": DATE, "last_success": DATE,
+        "last_change": DATE, "next_poll": DATE, "updated_at": DATE, "http_status": {"type": "integer"},
+        "error_class": KEYWORD, "error": {"type": "text"}, "consecutive_failures": {"type": "integer"},
         "unchanged_polls": {"type": "integer"}, "items_seen": {"type": "integer"}, "dead": {"type": "boolean"},
         "refresh_hint_seconds": {"type": "float"}, "last_lag_seconds": {"type": "float"},
         "etag": {"type": "keyword", "index": False}, "last_modified": {"type": "keyword", "index": False},
@@ -132,7 +132,7 @@ def connect(settings: ElasticsearchSettings, check: bool = True) -> Elasticsearc
 
 def _put_template(client: Elasticsearch, name: str, pattern: str, mappings: dict[str, Any]) -> None:
     client.indices.put_index_template(name=name, index_patterns=[pattern], priority=200,
-                                      template={"settings": _COMMON_SETTINGS, "mappings": mappings},
+                                      template={"settings": INDEX_SETTINGS, "mappings": mappings},
                                       meta={"managed_by": "newsbeam"})
 
 
