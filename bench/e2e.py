@@ -1,135 +1,373 @@
-"""End-to-end throughput: a corpus served as RSS feeds on 127.0.0.1, `newsbeam run` on the
-local runner into a real Elasticsearch, and bare `nlp.pipe` over the same texts.
+"""End-to-end benchmark: a corpus served as RSS feeds on 127.0.0.1, `newsbeam run` on the
+local runner into a real Elasticsearch, and bare `nlp.pipe` over the same texts, in one run.
 
+    .venv/bin/python bench/e2e.py                       # our synthetic corpus (bench/synthetic.py)
     .venv/bin/python bench/e2e.py --corpus ../shared/corpus/articles/recovery-reliable.jsonl
+    .venv/bin/python bench/e2e.py --processes 0,2 --json bench.json
 
-Prints a table and writes JSON (--json PATH). Starts a throw-away Elasticsearch unless
---es-url is given.
+Per pipeline run (one per `--processes` value: spaCy worker processes, 0 = spaCy in the
+pipeline process, i.e. one process like bare spaCy):
+0. warm-up: one article, so worker start-up and model loading are not counted;
+1. throughput: then every article but the last `--latency-items` is added to the feeds;
+   articles/s = articles / (first fetch -> last article indexed), read from the index;
+2. latency: then the held-back articles are appended to the feeds one every `--spacing`
+   seconds; a watcher searches Elasticsearch every 0.2 s and records when each one becomes
+   searchable and when its alert (a rule matching `--alert-query`) is written;
+3. time per stage (transforms/timing.py), peak RSS of the pipeline process and of it plus its
+   worker processes (sampled every 0.5 s from /proc), the runner actually used.
+Bare spaCy: `nlp.pipe` in this process over the same texts, same model and components.
+Starts a throw-away Elasticsearch unless --es-url is given. Linux only (/proc).
 """
 from __future__ import annotations
 
 import argparse
 import html
 import json
+import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from elasticsearch import Elasticsearch  # noqa: E402
+from elasticsearch import Elasticsearch, NotFoundError  # noqa: E402
 
+from bench.synthetic import corpus as synthetic_corpus  # noqa: E402
 from pipeline import local_es  # noqa: E402
 from tests.feedserver import FeedServer  # noqa: E402
 
 
-def load_corpus(path: Path, limit: int | None) -> list[dict]:
+def load_corpus(path: Path | None, limit: int) -> list[dict]:
+    if path is None:
+        return list(synthetic_corpus(limit))
     records = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             record = json.loads(line)
             if record.get("body_text") and record.get("url"):
                 records.append(record)
-            if limit and len(records) >= limit:
+            if len(records) >= limit:
                 break
     return records
 
 
-def as_feeds(records: list[dict], per_feed: int) -> list[bytes]:
-    feeds = []
-    for start in range(0, len(records), per_feed):
-        items = []
-        for r in records[start:start + per_feed]:
-            body = "".join(f"<p>{html.escape(p)}</p>" for p in r["body_text"].split("\n") if p.strip())
-            items.append(f"<item><title>{html.escape(r['title'])}</title><link>{html.escape(r['url'])}</link>"
-                         f"<content:encoded>{html.escape(body)}</content:encoded></item>")
-        feeds.append(('<?xml version="1.0" encoding="UTF-8"?><rss version="2.0" '
-                      'xmlns:content="http://purl.org/rss/1.0/modules/content/"><channel><title>bench</title>'
-                      "<link>http://bench/</link><description>b</description>" + "".join(items) +
-                      "</channel></rss>").encode())
-    return feeds
+def item_xml(record: dict) -> str:
+    body = "".join(f"<p>{html.escape(p)}</p>" for p in record["body_text"].split("\n") if p.strip())
+    return (f"<item><title>{html.escape(record['title'])}</title><link>{html.escape(record['url'])}</link>"
+            f"<content:encoded>{html.escape(body)}</content:encoded></item>")
 
 
-def bare_spacy(records: list[dict], batch_size: int) -> float:
-    """Articles/s of nlp.pipe alone, same model, components and text as the pipeline."""
+def feed_xml(items: list[str]) -> bytes:
+    return ('<?xml version="1.0" encoding="UTF-8"?><rss version="2.0" '
+            'xmlns:content="http://purl.org/rss/1.0/modules/content/"><channel><title>bench</title>'
+            "<link>http://bench/</link><description>b</description>" + "".join(items) + "</channel></rss>").encode()
+
+
+def bare_spacy(records: list[dict]) -> dict:
+    """Articles/s and words/s of nlp.pipe alone: same model, components and texts as the pipeline."""
     from pipeline.config import NlpSettings
+    from transforms.clean import clean_article
     from transforms.entities import load_model, nlp_text
-    nlp = load_model()
-    texts = [nlp_text({"title": r["title"], "body": r["body_text"]}, NlpSettings().max_chars) for r in records]
-    started = time.perf_counter()
-    for _ in nlp.pipe(texts, batch_size=batch_size):
+    settings = NlpSettings()
+    nlp = load_model(settings.model)
+    articles = [clean_article({"title": r["title"], "content_html": item_xml(r)}) for r in records]
+    texts = [nlp_text(article, settings.max_chars) for article in articles]
+    for _ in nlp.pipe(texts[:20]):  # warm-up, as the pipeline's warm-up article (not timed)
         pass
-    return len(texts) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    words = sum(len(doc) for doc in nlp.pipe(texts, batch_size=settings.batch_size))
+    seconds = time.perf_counter() - started
+    return {"articles_per_s": round(len(texts) / seconds, 2), "tokens_per_s": round(words / seconds),
+            "components": ", ".join(nlp.pipe_names)}
+
+
+class RssSampler(threading.Thread):
+    """Resident memory of a process and of its descendants, every `every` seconds."""
+
+    def __init__(self, pid: int, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.every = every
+        self.samples: list[tuple[float, int, int]] = []  # (time, process MB, with children MB)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            tree = _descendants(self.pid)
+            own = _rss_mb(self.pid)
+            if own:
+                self.samples.append((time.time(), own, own + sum(_rss_mb(pid) for pid in tree)))
+
+    def peak(self, column: int) -> int:
+        return max((sample[column] for sample in self.samples), default=0)
+
+
+def _rss_mb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+class Watcher(threading.Thread):
+    """Records when each probe URL becomes searchable, and when its alert is written."""
+
+    def __init__(self, es: Elasticsearch, articles: str, alerts: str):
+        super().__init__(daemon=True)
+        self.es, self.articles, self.alerts = es, articles, alerts
+        self.appeared: dict[str, float] = {}
+        self.searchable: dict[str, float] = {}
+        self.alerted: dict[str, float] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.2):
+            self._look(self.articles, self.searchable)
+            self._look(self.alerts, self.alerted)
+
+    def _look(self, index: str, seen: dict[str, float]) -> None:
+        waiting = [url for url in list(self.appeared) if url not in seen]
+        if not waiting:
+            return
+        try:
+            found = self.es.search(index=index, size=len(waiting), source=["url"],
+                                   query={"terms": {"url": waiting}})["hits"]["hits"]
+        except NotFoundError:
+            return
+        now = time.time()
+        for hit in found:
+            seen.setdefault(hit["_source"]["url"], now)
+
+    def latencies(self, seen: dict[str, float]) -> list[float]:
+        return sorted(seen[url] - self.appeared[url] for url in seen if url in self.appeared)
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0], 2)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[int(fraction * 100) - 1], 2)
+
+
+def run_pipeline(args, es_url: str, records: list[dict], processes: str) -> dict:
+    warmup, records = records[0], records[1:]
+    backlog, probes = records[:-args.latency_items or None], records[len(records) - args.latency_items:]
+    prefix = f"bench-{int(time.time() * 1000)}"
+    work = Path(tempfile.mkdtemp(prefix="newsbeam-bench-"))
+    names = {"articles_alias": f"{prefix}-articles", "deadletter_index": f"{prefix}-deadletters",
+             "feeds_index": f"{prefix}-feeds"}
+    config = work / "pipeline.yaml"
+    config.write_text(
+        f"poll_interval: {args.poll_interval}\ntopics_file: {REPO / 'configs/topics.yaml'}\n"
+        f"nlp:\n  processes: {processes}\n"
+        f"elasticsearch:\n  url: {es_url}\n" + "".join(f"  {k}: {v}\n" for k, v in names.items()) +
+        f"alerts:\n  rules_index: {prefix}-rules\n  alerts_index: {prefix}-alerts\n  reload_interval: 1\n"
+        # One loopback host serves every feed: no politeness delay. No back-off for feeds that
+        # did not change (they all wait while the backlog runs): the probes measure the interval.
+        "fetch:\n  allow_private_addresses: true\n  per_host_delay: 0.01\n  per_host_concurrency: 16\n"
+        "  unchanged_backoff_max: 1\n"
+        f"  scheduler_interval: {min(args.poll_interval, 5)}\n")
+    es = Elasticsearch(es_url, request_timeout=60)
+    env = {**os.environ, "NEWSBEAM_STAGE_TIMES": str(work / "stages.json")}
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    subprocess.run([*cli, "alerts", "add", "bench", "--query", args.alert_query, "--config", str(config)],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    per_feed: list[list[str]] = [[] for _ in range(args.feeds)]
+    for number, record in enumerate(backlog):
+        per_feed[number % args.feeds].append(item_xml(record))
+    log = open(work / "pipeline.log", "w")
+    with FeedServer() as server:
+        # Phase 0: one warm-up article (worker start-up and model loading are not throughput).
+        urls = [server.serve(f"/feed{i}.xml", feed_xml([item_xml(warmup)] if i == 0 else []))
+                for i in range(args.feeds)]
+        command = [*cli, "run", "--config", str(config), *sum((["--feed", u] for u in urls), []), *args.beam_args]
+        print(f"[bench] processes={processes}: {len(backlog)} articles in {len(urls)} feeds, then "
+              f"{len(probes)} one every {args.spacing:g}s", file=sys.stderr)
+        started = time.time()
+        run = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        sampler = RssSampler(run.pid)
+        sampler.start()
+        watcher = Watcher(es, names["articles_alias"], f"{prefix}-alerts")
+        watcher.start()
+        try:
+            _wait_for_count(es, names["articles_alias"], 1, run, args.timeout)
+            released = time.time()
+            for number, items in enumerate(per_feed):  # phase 1: the backlog
+                server.serve(f"/feed{number}.xml", feed_xml(([item_xml(warmup)] if number == 0 else []) + items))
+            indexed = _wait_for_count(es, names["articles_alias"], len(backlog) + 1, run, args.timeout) - 1
+            drained = time.time()
+            throughput = _throughput(es, names["articles_alias"], released)
+            for number, record in enumerate(probes):  # phase 2: one new item at a time
+                per_feed[number % args.feeds].append(item_xml(record))
+                server.serve(f"/feed{number % args.feeds}.xml", feed_xml(per_feed[number % args.feeds]))
+                watcher.appeared[record["url"]] = time.time()
+                time.sleep(args.spacing)
+            deadline = time.time() + args.poll_interval + 60
+            while len(watcher.searchable) < len(probes) and time.time() < deadline and run.poll() is None:
+                time.sleep(0.5)
+            time.sleep(2)  # alerts of the last probes
+        finally:
+            watcher.stopped.set()
+            sampler.stopped.set()
+            _stop(run)
+            log.close()
+    output = (work / "pipeline.log").read_text()
+    if run.returncode not in (0, 130, -signal.SIGINT):
+        print(output[-3000:], file=sys.stderr)
+    runner = next((line.split(": runner: ", 1)[1] for line in output.splitlines() if ": runner: " in line), "?")
+    stages = json.loads((work / "stages.json").read_text())["stages"] if (work / "stages.json").exists() else {}
+    searchable, alerted = watcher.latencies(watcher.searchable), watcher.latencies(watcher.alerted)
+    third = max(1, len(sampler.samples) // 3)
+    result = {
+        "spacy_processes": processes, "runner": runner, "articles": len(backlog), "indexed": indexed,
+        **throughput,
+        "seconds_start_to_warm": round(released - started, 1),
+        "seconds_released_to_drained": round(drained - released, 1),
+        "latency_probes": len(probes), "probes_searchable": len(searchable),
+        "searchable_latency_p50_s": percentile(searchable, 0.5),
+        "searchable_latency_p95_s": percentile(searchable, 0.95),
+        "probes_alerted": len(alerted),
+        "alert_latency_p50_s": percentile(alerted, 0.5), "alert_latency_p95_s": percentile(alerted, 0.95),
+        "poll_interval_s": args.poll_interval,
+        "peak_rss_pipeline_process_mb": sampler.peak(1), "peak_rss_with_workers_mb": sampler.peak(2),
+        "rss_with_workers_mb_start_middle_end": [sampler.samples[i][2] for i in (third, len(sampler.samples) // 2, -1)]
+        if sampler.samples else [],
+        "stage_seconds": {name: value["seconds"] for name, value in sorted(stages.items())},
+        "stage_ms_per_article": {name: round(1000 * value["seconds"] / max(1, value["elements"]), 2)
+                                 for name, value in sorted(stages.items())},
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _wait_for_count(es: Elasticsearch, index: str, count: int, run: subprocess.Popen, timeout: float) -> int:
+    deadline, last, seen = time.time() + timeout, -1, 0
+    while time.time() < deadline and run.poll() is None:
+        try:
+            seen = es.count(index=index)["count"]
+        except NotFoundError:
+            seen = 0
+        if seen >= count:
+            return seen
+        if seen != last:
+            print(f"[bench] {seen}/{count} indexed", file=sys.stderr)
+            last = seen
+        time.sleep(1)
+    raise SystemExit(f"only {seen} of {count} articles indexed (pipeline exit code {run.poll()})")
+
+
+def _throughput(es: Elasticsearch, index: str, released: float) -> dict:
+    """Backlog articles over (first backlog fetch -> last indexed), from the index."""
+    es.indices.refresh(index=index)
+    aggs = es.search(index=index, size=0, query={"range": {"fetched_at": {"gte": int((released - 1) * 1000)}}}, aggs={
+        "first_fetch": {"min": {"field": "fetched_at"}}, "last_index": {"max": {"field": "indexed_at"}}})
+    count = aggs["hits"]["total"]["value"]
+    span = (aggs["aggregations"]["last_index"]["value"] - aggs["aggregations"]["first_fetch"]["value"]) / 1000
+    return {"seconds_first_fetch_to_last_indexed": round(span, 1),
+            "end_to_end_articles_per_s": round(count / max(span, 0.001), 2)}
+
+
+def _stop(run: subprocess.Popen) -> None:
+    """SIGINT (a user's Ctrl-C) to the pipeline's process group; SIGKILL if it hangs."""
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGINT)
+        try:
+            run.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    try:  # worker processes left behind
+        os.killpg(run.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared/corpus/articles/recovery-reliable.jsonl")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N articles")
-    parser.add_argument("--per-feed", type=int, default=50)
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="JSON lines with url, title, body_text (default: our synthetic corpus)")
+    parser.add_argument("--articles", type=int, default=400, help="articles to use (the first N)")
+    parser.add_argument("--feeds", type=int, default=20)
+    parser.add_argument("--processes", default="0,auto",
+                        help="comma-separated spaCy worker process counts, one pipeline run each "
+                             "(0: spaCy in the pipeline process; auto: one per core)")
+    parser.add_argument("--poll-interval", type=float, default=5.0)
+    parser.add_argument("--latency-items", type=int, default=30)
+    parser.add_argument("--spacing", type=float, default=1.0, help="seconds between latency probes")
+    parser.add_argument("--alert-query", default="say", help="the benchmark's alert rule")
+    parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--es-url", default=None)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of polling; the run then drains everything fetched")
     parser.add_argument("beam_args", nargs="*", help="passed to newsbeam run (after --)")
     args = parser.parse_args()
-    if not args.corpus.exists():
+    if args.corpus and not args.corpus.exists():
         parser.error(f"corpus {args.corpus} not found")
-    records = load_corpus(args.corpus, args.limit)
+    if not 0 <= args.latency_items < args.articles:
+        parser.error("--latency-items must be below --articles")
+    records = load_corpus(args.corpus, args.articles)
+    print(f"[bench] bare spaCy over {len(records) - args.latency_items} articles", file=sys.stderr)
+    bare = bare_spacy(records[:len(records) - args.latency_items])
     es_dir = None
     es_url = args.es_url
     if not es_url:
         es_dir = Path(tempfile.mkdtemp(prefix="newsbeam-bench-es-"))
         es_url = local_es.start(es_dir, port=local_es.free_port(), heap="1g").url
-    alias = f"bench-{int(time.time())}"
-    config = Path(tempfile.mkdtemp()) / "pipeline.yaml"
-    config.write_text(f"poll_interval: 3600\ntopics_file: {REPO / 'configs/topics.yaml'}\n"
-                      f"elasticsearch:\n  url: {es_url}\n  articles_alias: {alias}-articles\n"
-                      f"  deadletter_index: {alias}-deadletters\n  feeds_index: {alias}-feeds\n"
-                      # One loopback host serves every feed: no politeness delay, fetch them all at once.
-                      "fetch:\n  allow_private_addresses: true\n  per_host_delay: 0.01\n"
-                      "  per_host_concurrency: 16\n")
-    es = Elasticsearch(es_url, request_timeout=60)
     try:
-        with FeedServer() as server:
-            urls = [server.serve(f"/feed{i}.xml", body) for i, body in enumerate(as_feeds(records, args.per_feed))]
-            command = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config),
-                       "--duration", str(args.duration),
-                       *sum((["--feed", u] for u in urls), []), *args.beam_args]
-            print(f"serving {len(records)} articles in {len(urls)} feeds; running newsbeam", file=sys.stderr)
-            started = time.time()
-            run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-            wall = time.time() - started
-        if run.returncode != 0:
-            print(run.stderr[-3000:], file=sys.stderr)
-            return 1
-        runner = next((line.split("newsbeam: runner: ", 1)[1] for line in run.stderr.splitlines()
-                       if "newsbeam: runner: " in line), "?")
-        es.indices.refresh(index=f"{alias}-articles")
-        stats = es.search(index=f"{alias}-articles", size=0, aggs={
-            "first_fetch": {"min": {"field": "fetched_at"}}, "last_index": {"max": {"field": "indexed_at"}}})
-        indexed = stats["hits"]["total"]["value"]
-        span = (stats["aggregations"]["last_index"]["value"] - stats["aggregations"]["first_fetch"]["value"]) / 1000
-        bare = bare_spacy(records, 64)
-        result = {"articles": len(records), "indexed": indexed, "runner": runner,
-                  "wall_seconds_including_startup": round(wall, 1),
-                  "pipeline_seconds_first_fetch_to_last_indexed": round(span, 1),
-                  "end_to_end_articles_per_s": round(indexed / max(span, 1), 2),
-                  "bare_spacy_articles_per_s": round(bare, 2)}
-        result["ratio"] = round(result["end_to_end_articles_per_s"] / result["bare_spacy_articles_per_s"], 3)
-        for key, value in result.items():
-            print(f"{key:48s} {value}")
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
-        return 0 if indexed == len(records) else 1
+        runs = [run_pipeline(args, es_url, records, value.strip()) for value in args.processes.split(",")]
     finally:
         if es_dir:
             local_es.stop(es_dir)
             shutil.rmtree(es_dir, ignore_errors=True)
+    for run in runs:
+        run["ratio_to_bare_spacy"] = round(run["end_to_end_articles_per_s"] / bare["articles_per_s"], 3)
+    report = {"corpus": str(args.corpus or "synthetic"), "cpus": os.cpu_count(), "bare_spacy": bare, "runs": runs}
+    _print(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0 if all(run["indexed"] >= run["articles"] for run in runs) else 1
+
+
+def _print(report: dict) -> None:
+    print(f"corpus {report['corpus']}, {report['cpus']} CPUs")
+    bare = report["bare_spacy"]
+    print(f"bare spaCy nlp.pipe ({bare['components']}): {bare['articles_per_s']} articles/s, "
+          f"{bare['tokens_per_s']} tokens/s")
+    for run in report["runs"]:
+        print(f"\n== pipeline, spaCy processes: {run['spacy_processes']}")
+        for key, value in run.items():
+            if key not in ("stage_seconds", "stage_ms_per_article", "spacy_processes"):
+                print(f"  {key:40s} {value}")
+        print("  time per stage (s total / ms per element):")
+        for name, seconds in run["stage_seconds"].items():
+            print(f"    {name:24s} {seconds:10.2f} {run['stage_ms_per_article'][name]:10.2f}")
 
 
 if __name__ == "__main__":

@@ -36,15 +36,32 @@ HOSTS = [f"127.0.0.{i}" for i in range(2, 52)]
 MISBEHAVING = ("stall", "trickle", "bomb", "missing", "laughs", "loop")
 
 
-def serve(port: int, corpus: str, ready, log_path: str) -> None:
-    """The feed server (child process): /feed/<n>.xml -> corpus file n % len, with ETag and 304."""
+def serve(port: int, corpus: str, ready, log_path: str, item_period: float = 600.0, first_items: int = 3) -> None:
+    """The feed server (child process): /feed/<n>.xml -> corpus file n % len, with ETag and 304;
+    /syn/<n>.xml -> a synthetic RSS feed (bench/synthetic.py articles) that starts with
+    `first_items` items and gains one every `item_period` seconds (feeds staggered), showing
+    its 10 newest; /bad/<name>.xml -> a misbehaving endpoint (MISBEHAVING)."""
     import gzip
+
+    from bench.synthetic import article
+    from tests.feedserver import rss
     files = sorted(Path(corpus).glob("*/*.xml"))
+    started = time.time()
     bodies = [path.read_bytes() for path in files]
     bomb = gzip.compress(b"\0" * (64 << 20))
     laughs = (b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;">]>'
               b"<rss><channel><title>&b;</title></channel></rss>")
     log: list[tuple[float, str]] = []
+
+    def synthetic_feed(number: int) -> bytes:
+        newest = first_items - 1 + int((time.time() - started + (number * 7919) % item_period) // item_period)
+        items = []
+        for k in range(max(0, newest - 9), newest + 1):
+            record = article(number * 100_000 + k)
+            items.append({"title": record["title"], "link": record["url"],
+                          "html": "".join(f"<p>{p}</p>" for p in record["body_text"].split("\n")),
+                          "published": "Thu, 26 Nov 2026 00:00:00 +0000"})
+        return rss(items, title=f"Synthetic {number}")
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -72,7 +89,10 @@ def serve(port: int, corpus: str, ready, log_path: str) -> None:
                     return self._send(200, bomb, {"Content-Encoding": "gzip"})
                 if name == "laughs":
                     return self._send(200, laughs)
-                body = bodies[int(name) % len(bodies)]
+                if "/syn/" in self.path:
+                    body = synthetic_feed(int(name))
+                else:
+                    body = bodies[int(name) % len(bodies)]
                 etag = '"' + hashlib.md5(body).hexdigest() + '"'
                 if self.headers.get("If-None-Match") == etag:
                     return self._send(304, b"", {"ETag": etag})

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from pipeline.config import ConfigError, Feed, Settings, load_feeds, load_settings
+from pipeline.config import ConfigError, Feed, Settings, for_runner, load_feeds, load_settings
 
 _LOG = logging.getLogger("newsbeam")
 
@@ -58,6 +58,27 @@ def _report_progress(client, settings: Settings, stop: threading.Event, every: f
                       type(err).__name__)
 
 
+class _AnnounceFallback(logging.Filter):
+    """Says which runner runs as soon as the DirectRunner gives up on Prism: the FnApiRunner
+    then runs the whole streaming job inside `pipeline.run()`, so the line logged after it
+    would only come at the end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Falling back to DirectRunner" in record.getMessage():
+            _LOG.info("runner: FnApiRunner (via DirectRunner; Prism unavailable)")
+        return True
+
+
+def _is_local(runner: str | None) -> bool:
+    """The runners that execute the whole pipeline in this process (Prism's default loopback
+    workers included)."""
+    return (runner or "DirectRunner").lower().removesuffix("runner") in ("direct", "prism", "fnapi", "bundlebased")
+
+
+def _workers(processes: int) -> str:
+    return f"{processes} worker process(es)" if processes else "the pipeline process"
+
+
 def _runner_used(result: Any, requested: str | None) -> str:
     """Which engine ran the job: the DirectRunner tries Prism, then falls back."""
     if requested and requested not in ("DirectRunner", "direct"):
@@ -75,6 +96,7 @@ def cmd_run(argv: list[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+    from pipeline.beam_fixes import bound_fnapi_metrics
     from pipeline.build import build_pipeline
     from pipeline.options import NewsbeamOptions
     from transforms.elastic import connect, ensure_indices
@@ -82,14 +104,20 @@ def cmd_run(argv: list[str]) -> int:
 
     beam_options = PipelineOptions(argv)
     options = beam_options.view_as(NewsbeamOptions)
-    settings = _settings_for_run(options)
+    runner = beam_options.view_as(StandardOptions).runner
+    settings = for_runner(_settings_for_run(options), local=_is_local(runner))
     taxonomy = Taxonomy.load(settings.topics_file)
     beam_options.view_as(StandardOptions).streaming = True
+    _LOG.info("spaCy runs in %s, feedparser in %s", _workers(settings.nlp.processes),
+              _workers(settings.fetch.parse_processes))
     client = connect(settings.elasticsearch)
     ensure_indices(client, settings.elasticsearch)
     _LOG.info("polling %d feed(s) every %gs into %s (alias %s)%s", len(settings.feeds), settings.poll_interval,
               settings.elasticsearch.url, settings.elasticsearch.articles_alias,
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")
+    if _is_local(runner):
+        bound_fnapi_metrics()
+        logging.getLogger("apache_beam.runners.direct.direct_runner").addFilter(_AnnounceFallback())
     pipeline = beam.Pipeline(options=beam_options)
     build_pipeline(pipeline, settings, taxonomy, options.duration, options.fetch_shards)
     stop = threading.Event()
@@ -97,7 +125,8 @@ def cmd_run(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         result = pipeline.run()
-        _LOG.info("runner: %s", _runner_used(result, beam_options.view_as(StandardOptions).runner))
+        _LOG.info("%s: %s", "runner" if "FnApiRunner" not in _runner_used(result, runner) else "ran on",
+                  _runner_used(result, runner))
         result.wait_until_finish()
     except KeyboardInterrupt:
         _LOG.warning("interrupted; articles already handed to Elasticsearch are kept")

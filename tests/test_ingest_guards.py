@@ -254,3 +254,34 @@ def test_every_fetch_failure_is_a_dead_letter_and_a_health_update(server, sessio
     assert state.next_due - outcome.started >= 120  # Retry-After beats the 30 s interval
     (record,) = dead
     assert (record["stage"], record["reason"], record["feed_url"]) == ("fetch", "http_5xx", url)
+
+
+def test_a_late_poll_keeps_the_feed_s_rhythm(server, session):
+    """Started 15 s after it was due (a host's polite queue, a late tick): the next poll is
+    due one interval after the due time, so the lag does not add up cycle after cycle; a poll
+    later than a whole interval starts a new rhythm from its start."""
+    url = server.route("/rhythm.xml", respond(200, rss([{"title": "t", "link": "https://example.org/t",
+                                                          "html": "<p>x</p>"}]),
+                                              {"Content-Type": "application/rss+xml"}))
+    feed = Feed(url=url)
+    outcome = poll_one(session, feed, None, None, None, GUARDED)
+    state, _, _ = apply_outcome(FeedState(url=url), feed, outcome, 300, GUARDED, due=outcome.started - 15)
+    assert state.next_due == pytest.approx(outcome.started - 15 + 300)
+    state, _, _ = apply_outcome(FeedState(url=url), feed, outcome, 300, GUARDED, due=outcome.started - 400)
+    assert state.next_due == pytest.approx(outcome.started + 300)
+
+
+def test_only_items_new_since_the_last_parse_go_downstream(server, session):
+    def item(n):
+        return {"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"}
+
+    feed = Feed(url=server.route("/growing.xml", respond(200, rss([item(1), item(2)]),
+                                                         {"Content-Type": "application/rss+xml"})))
+    state, articles, _ = apply_outcome(FeedState(url=feed.url), feed, poll_one(session, feed, None, None, None, GUARDED),
+                                       300, GUARDED)
+    assert [a["title"] for a in articles] == ["Story 1", "Story 2"]
+    server.route("/growing.xml", respond(200, rss([item(3), item(1), item(2)]), {"Content-Type": "application/rss+xml"}))
+    state, articles, _ = apply_outcome(state, feed, poll_one(session, feed, None, None, state.body_hash, GUARDED),
+                                       300, GUARDED)
+    assert [a["title"] for a in articles] == ["Story 3"]
+    assert state.items_seen == 3

@@ -40,6 +40,17 @@ def test_parse_feed_extracts_articles():
     assert "ventilators to Russia" in article["content_html"]
 
 
+def test_placeholder_and_far_future_dates_are_dropped_not_sent_to_elasticsearch():
+    """Real feeds carry "0001-01-01" (strftime writes year 1 as "1-01-01", which Elasticsearch
+    rejects) and the epoch; an article keeps no published_at rather than a wrong one."""
+    items = [{"title": f"t{n}", "link": f"https://example.org/{n}", "html": "<p>x</p>", "published": published}
+             for n, published in enumerate(["Mon, 01 Jan 0001 00:00:00 +0000", "Thu, 01 Jan 1970 00:00:00 GMT",
+                                             "Fri, 01 Jan 2100 00:00:00 GMT", "Thu, 21 May 2020 14:05:00 GMT"])]
+    articles, problem = parse_feed(result(rss(items)), max_items=10)
+    assert problem is None
+    assert [a["published_at"] for a in articles] == [None, None, None, "2020-05-21T14:05:00Z"]
+
+
 def test_parse_feed_caps_items():
     items = [{"title": f"t{i}", "link": f"https://example.org/{i}", "html": "<p>x</p>"} for i in range(30)]
     articles, _ = parse_feed(result(rss(items)), max_items=7)

@@ -15,7 +15,7 @@ from tests.hostileserver import HostileServer, respond, stall
 from transforms.feedstate import FeedState, max_age, on_failure, on_success
 from transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
 from transforms.parse import parse_document, refresh_hint
-from transforms.poll import PollShardFn
+from transforms.poll import Budget, PollShardFn
 
 SETTINGS = FetchSettings(allow_private_addresses=True, max_poll_interval=86_400, dead_after=3,
                          dead_retry_interval=21_600, connect_timeout=1, read_timeout=1, total_timeout=4,
@@ -140,24 +140,66 @@ def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settin
             "title": "Fast news", "link": "https://example.org/fast", "html": "<p>x</p>"}]),
             {"Content-Type": "application/rss+xml"})))
         slow = Feed(url=slow_host.route("/slow.xml", stall(10)))  # read timeout after 1 s
-        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=0.5, slack=0)
+        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=0.5, slack=0, tick=1.0, shards=1)
         fn.setup()
         fn.start_bundle()
         try:
             state = _State()
             started = time.monotonic()
-            first = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state))
+            first = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state, backlog_state=_State()))
             assert time.monotonic() - started < 1.5  # did not wait for the stalled host
             assert [a["title"] for a in first if isinstance(a, dict)] == ["Fast news"]
             assert slow.url in fn._in_flight
             time.sleep(1.2)
             fn.start_bundle()
-            later = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state))
+            later = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state, backlog_state=_State()))
             health = [o.value for o in later if getattr(o, "tag", None) == "health"]
             assert [(h["feed_url"], h["error_class"]) for h in health] == [(slow.url, "timeout")]
             assert state.value[fast.url].next_due > time.time() + 200  # not polled again early
         finally:
             fn.teardown()
+
+
+@pytest.mark.parametrize("parse_processes", [0, 1], ids=["parse-thread", "parse-process"])
+def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es_settings, parse_processes):
+    """A feed with 40 items: 8 articles leave on the first tick, the rest wait in the backlog
+    state (not in memory only) for the next ticks, and every article leaves exactly once;
+    the same whether feedparser runs on a thread or in a worker process."""
+    items = [{"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"} for n in range(40)]
+    with HostileServer() as server:
+        feed = Feed(url=server.route("/big.xml", respond(200, rss(items), {"Content-Type": "application/rss+xml"})))
+        settings = dataclasses.replace(SETTINGS, parse_processes=parse_processes)
+        # a long settle: the first tick also waits for the parser process to start
+        fn = PollShardFn(settings, es_settings, default_interval=300, settle=15.0, slack=0, tick=30.0, shards=8)
+        fn.setup()
+        try:
+            state, backlog = _State(), _State()
+            emitted = []
+            for _ in range(6):
+                fn.start_bundle()
+                out = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
+                emitted.append([a["title"] for a in out if isinstance(a, dict)])
+            sizes = [len(batch) for batch in emitted]
+            assert sizes[0] == 8  # the first budget: 64 per tick over 8 shards
+            assert sizes[1] == 11  # ticks on time and the budget used up: it grows (8 * 1.25 + 1)
+            assert sorted(sum(emitted, [])) == sorted(item["title"] for item in items)
+            assert backlog.value == []
+        finally:
+            fn.teardown()
+
+
+def test_the_budget_shrinks_when_ticks_come_late_and_grows_back_when_they_are_on_time():
+    budget = Budget(tick=5.0, start=40)
+    budget.tick(0.0)
+    budget.tick(20.0)  # downstream held the next tick for 20 s: a quarter of the budget
+    assert budget.size == pytest.approx(10)
+    sent, rest = budget.take(list(range(100)))
+    assert (len(sent), len(rest)) == (10, 90)
+    budget.tick(25.0)  # on time and the budget was used up: it grows
+    assert budget.size == pytest.approx(13.5)
+    budget.take([])  # nothing waiting: no reason to grow
+    budget.tick(30.0)
+    assert budget.size == pytest.approx(13.5)
 
 
 def test_feed_and_fetch_settings_are_validated(tmp_path):

@@ -188,6 +188,20 @@ def test_counter_evidence_lowers_the_score_and_is_recorded(tmp_path):
     assert score.score == 1.5  # ventilator 1 + send/donate rule 1.5 - wear 1
 
 
+def test_near_rule_terms_must_be_on_different_words(tmp_path):
+    path = tmp_path / "topics.yaml"
+    path.write_text("topics:\n  - name: aid\n    threshold: 1\n"
+                    "    near: [{window: 5, weight: 1, groups: [[aid, send], [medical aid]]}]\n")
+    taxonomy = Taxonomy.load(path)
+
+    def evidence(lemmas):
+        (score,) = score_article(taxonomy, {"title": "", "lemmas": lemmas, "entities": []})
+        return score.evidence
+
+    assert evidence("a medical aid team arrive") == ()  # "aid" is part of "medical aid"
+    assert evidence("they send medical aid") == ("near:send ~ medical aid",)
+
+
 def test_taxonomy_rejects_bad_scope_and_flags(tmp_path):
     bad = tmp_path / "topics.yaml"
     bad.write_text("topics:\n  - name: x\n    scope: sentence\n    terms: [a]\n")
@@ -215,3 +229,15 @@ def test_aid_topic_ignores_look_alikes(nlp, taxonomy):
     assert "medical equipment aid" not in topics(
         "Ford joins effort to make ventilators",
         "Ford Motor Co said it would build 50,000 ventilators in Michigan with General Electric.")
+
+
+def test_aid_topic_wants_medical_supplies_not_any_relief(nlp, taxonomy):
+    def topics(message):
+        (article,) = tag_entities(nlp, [{"title": "", "body": message}], NlpSettings())
+        return tag_topics(taxonomy, article)["topics"]
+
+    # "power" here is a noun, not a look-alike's "power a ventilator".
+    assert "medical equipment aid" in topics(
+        "Japan will send power generators and medicines to the flooded provinces of Vietnam.")
+    assert "medical equipment aid" not in topics(
+        "The Kenya Red Cross distributed 3,000 blankets and jerry cans to families displaced by the floods.")

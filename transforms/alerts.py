@@ -30,6 +30,7 @@ from apache_beam.utils import shared
 from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 
 from pipeline.config import AlertSettings, ElasticsearchSettings, Settings
+from transforms import timing
 from transforms.batching import BatchingDoFn
 from transforms.deadletter import DEAD, dead_letter
 from transforms.delivery import Outbox, iso, new_deliveries, summarize
@@ -213,11 +214,13 @@ class MatchRulesFn(beam.DoFn):
         return self._model_handle.acquire(load).lemmatize
 
     def process(self, article: dict[str, Any]) -> Iterator[Any]:
+        started = timing.now()
         try:
             rules = self._book.current()
             view = ArticleView(article) if rules else None
             now = time.time()
             alerts = [build_alert(c.rule, article, hits, now) for c in rules if (hits := c.match(view)) is not None]
+            timing.record("alerts_match", 1, timing.now() - started)
         except Exception as err:  # a bad article (or rule) is a dead letter; the article is still indexed
             yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
                 "alerts", type(err).__name__, str(err), feed_url=article.get("feed_url", ""),
@@ -237,6 +240,7 @@ class CreateAlertsFn(BatchingDoFn):
 
     Articles leave only after their alerts are stored, so an article that reached the
     index has its alerts: a restart, which skips indexed articles, loses none."""
+    stage = "alerts_store"
 
     batch_size = 50
 

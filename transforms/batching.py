@@ -1,25 +1,36 @@
-"""A DoFn base that batches elements within a bundle.
+"""DoFn bases that batch elements within a bundle.
 
 GroupIntoBatches is not available on every runner we support (the Python DirectRunner's
 streaming fallback cannot run it), so batching happens inside the DoFn: elements are
 buffered with their window and timestamp, handled at `batch_size`, and the rest is
 handled in `finish_bundle`.
+
+`PooledBatchingDoFn` hands batches to worker processes and keeps several in flight, so the
+pipeline thread goes on polling, cleaning and indexing while the workers compute; results
+leave in input order.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms import timing
+
+_Batch = list[tuple[Any, Any, Any]]  # (element, timestamp, window)
+
 
 class BatchingDoFn(beam.DoFn):
     batch_size = 64
     max_batch_bytes = 0  # 0: no byte limit
+    stage = ""  # set to have the time spent per batch counted under this name (transforms/timing.py)
 
     def start_bundle(self) -> None:
-        self._buffer: list[tuple[Any, Any, Any]] = []
+        self._buffer: _Batch = []
         self._bytes = 0
 
     def element_bytes(self, element: Any) -> int:
@@ -36,18 +47,68 @@ class BatchingDoFn(beam.DoFn):
     def finish_bundle(self) -> Iterator:
         yield from self._flush()
 
+    def _take(self) -> _Batch:
+        batch, self._buffer, self._bytes = self._buffer, [], 0
+        return batch
+
     def _flush(self) -> Iterator:
         if not self._buffer:
             return
-        batch, self._buffer, self._bytes = self._buffer, [], 0
-        results = self.handle_batch([element for element, _, _ in batch])
-        for (_, timestamp, window), outputs in zip(batch, results):
-            for output in outputs:
-                if isinstance(output, TaggedOutput):
-                    yield TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [window]))
-                else:
-                    yield WindowedValue(output, timestamp, [window])
+        batch = self._take()
+        with timing.stage(self.stage, len(batch)):
+            results = list(self.handle_batch([element for element, _, _ in batch]))
+        yield from _emit(batch, results)
 
     def handle_batch(self, elements: list[Any]) -> Iterable[Iterable[Any]]:
         """Returns, for each element in order, the outputs it produces."""
         raise NotImplementedError
+
+
+class PooledBatchingDoFn(BatchingDoFn):
+    """Batches are submitted (`submit_batch` returns a future) and collected later
+    (`collect`), at most `max_in_flight` at a time; `finish_bundle` waits for the rest."""
+
+    max_in_flight = 4
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._in_flight: collections.deque[tuple[_Batch, concurrent.futures.Future]] = collections.deque()
+
+    def _flush(self) -> Iterator:
+        if self._buffer:
+            batch = self._take()
+            self._in_flight.append((batch, self.submit_batch([element for element, _, _ in batch])))
+        yield from self._drain(keep=self.max_in_flight - 1)
+
+    def finish_bundle(self) -> Iterator:
+        yield from self._flush()
+        yield from self._drain(keep=0)
+
+    def _drain(self, keep: int) -> Iterator:
+        """Emits finished batches from the front; waits while more than `keep` are in flight."""
+        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][1].done()):
+            batch, future = self._in_flight.popleft()
+            yield from _emit(batch, list(self.collect([element for element, _, _ in batch], future)))
+
+    def submit_batch(self, elements: list[Any]) -> concurrent.futures.Future:
+        raise NotImplementedError
+
+    def collect(self, elements: list[Any], future: concurrent.futures.Future) -> Iterable[Iterable[Any]]:
+        """For each element in order, its outputs; `future` is `submit_batch`'s, done or not."""
+        raise NotImplementedError
+
+
+def _emit(batch: _Batch, results: list[Iterable[Any]]) -> Iterator:
+    for (_, timestamp, window), outputs in zip(batch, results):
+        for output in outputs:
+            if isinstance(output, TaggedOutput):
+                yield TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [window]))
+            else:
+                yield WindowedValue(output, timestamp, [window])
+
+
+def done(value: Any) -> concurrent.futures.Future:
+    """A finished future holding `value`: work done in-process looks like pooled work."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(value)
+    return future

@@ -5,6 +5,8 @@ import hashlib
 import time
 from typing import Any
 
+from transforms import timing
+
 DEAD = "dead"
 _MAX_PAYLOAD = 20_000
 
@@ -42,9 +44,13 @@ class SafeMapFn:
 
     def __call__(self, element: dict[str, Any]):
         import apache_beam as beam
+        started = timing.now()
         try:
-            yield self._fn(element)
+            result = self._fn(element)
         except Exception as err:  # one bad article must not stop the others
             yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
                 self._stage, type(err).__name__, str(err), feed_url=element.get("feed_url", ""),
                 article_id=element.get("article_id", ""), url=element.get("url", ""), payload=element))
+            return
+        timing.record(self._stage, 1, timing.now() - started)
+        yield result

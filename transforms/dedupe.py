@@ -61,6 +61,7 @@ def indexed_ids(client: Any, alias: str, ids: list[str]) -> set[str]:
 
 
 class SkipIndexedFn(BatchingDoFn):
+    stage = "dedupe"
     def __init__(self, settings: ElasticsearchSettings):
         self._settings = settings
         self.batch_size = min(settings.bulk_actions, 500)

@@ -242,6 +242,7 @@ class WriteFn(BatchingDoFn):
         self._id_field = id_field
         self._op = op
         self._stage = stage
+        self.stage = f"write_{stage}"
         self.batch_size = settings.bulk_actions
         self.max_batch_bytes = settings.bulk_bytes
         self._written = Metrics.counter("newsbeam", f"{stage}_written")

@@ -12,10 +12,12 @@ spaCy's EntityRuler, under their canonical name.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib
 import logging
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,8 +27,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from pipeline.config import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
-from transforms.batching import BatchingDoFn
+from transforms import timing
+from transforms.batching import PooledBatchingDoFn, done
 from transforms.deadletter import DEAD, dead_letter
+from transforms.workers import WorkerPool
 
 _LOG = logging.getLogger(__name__)
 
@@ -384,38 +388,93 @@ def tag_entities(nlp, articles: list[dict[str, Any]], settings: NlpSettings,
     return tagged
 
 
-class TagEntitiesFn(BatchingDoFn):
+# The model of a worker process (transforms/workers.py), loaded once by `_start_worker`.
+_worker_nlp = None
+
+
+def _start_worker(model: str, gazetteer: list[dict[str, str]] | None) -> None:
+    global _worker_nlp
+    _worker_nlp = load_model(model, gazetteer)
+
+
+def _timed_tag(nlp, articles: list[dict[str, Any]], settings: NlpSettings) -> tuple[list[dict[str, Any]], float]:
+    started = time.perf_counter()
+    return tag_entities(nlp, articles, settings), time.perf_counter() - started
+
+
+def _tag_in_worker(articles: list[dict[str, Any]], settings: NlpSettings) -> tuple[list[dict[str, Any]], float]:
+    return _timed_tag(_worker_nlp, articles, settings)
+
+
+class TagEntitiesFn(PooledBatchingDoFn):
+    """NER on batches; with `settings.processes` > 0 the batches go to that many worker
+    processes (one model each) and up to three per worker are in flight, so the pipeline thread
+    keeps polling, cleaning and indexing meanwhile. A batch that fails is retried one article
+    at a time, so only the article that broke it (even by crashing its worker) is dead-lettered."""
+
+    stage = "entities"
+    worker = staticmethod(_tag_in_worker)  # what a worker process runs per batch
+
     def __init__(self, settings: NlpSettings, model_handle: shared.Shared,
                  gazetteer: list[dict[str, str]] | None = None):
         self._settings = settings
         self._model_handle = model_handle
         self._gazetteer = gazetteer
-        self.batch_size = settings.batch_size
+        processes = settings.processes if isinstance(settings.processes, int) else 0
+        self._processes = processes
+        # Small batches when pooled (8 of the default 64), three per worker in flight: every core
+        # stays busy, and at the end of a bundle no worker waits long for the last batch.
+        self.batch_size = max(1, settings.batch_size // 8) if processes else settings.batch_size
+        self.max_in_flight = 3 * processes if processes else 1
         self._tagged = Metrics.counter("newsbeam", "articles_tagged")
 
     def setup(self) -> None:
-        # One model per process, shared by every DoFn instance (threads) in it.
-        self._nlp = self._model_handle.acquire(
-            lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
+        self._pool = None
+        self._nlp = None
+        if self._processes:
+            self._pool = WorkerPool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
+                                    name="spaCy")
+        else:  # one model per process, shared by every DoFn instance (threads) in it
+            self._nlp = self._model_handle.acquire(
+                lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
 
-    def handle_batch(self, articles: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    def _tag(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
+        if self._pool is not None:
+            return self._pool.submit(self.worker, articles, self._settings)
         try:
-            tagged = tag_entities(self._nlp, articles, self._settings)
+            return done(_timed_tag(self._nlp, articles, self._settings))
+        except Exception as err:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_exception(err)
+            return future
+
+    def submit_batch(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
+        return self._tag(articles)
+
+    def collect(self, articles: list[dict[str, Any]], future: concurrent.futures.Future) -> Iterator[list[Any]]:
+        try:
+            tagged, seconds = future.result()
         except Exception:  # find the article that broke the batch; tag the others
             yield from (self._tag_one(article) for article in articles)
             return
+        timing.record(self.stage, len(tagged), seconds)
         self._tagged.inc(len(tagged))
         yield from ([article] for article in tagged)
 
     def _tag_one(self, article: dict[str, Any]) -> list[Any]:
         try:
-            tagged = tag_entities(self._nlp, [article], self._settings)
-        except Exception as err:
+            tagged, seconds = self._tag([article]).result()
+        except Exception as err:  # BrokenProcessPool: the worker died on this article
             return [beam.pvalue.TaggedOutput(DEAD, dead_letter(
                 "entities", type(err).__name__, str(err), feed_url=article.get("feed_url", ""),
                 article_id=article.get("article_id", ""), url=article.get("url", ""), payload=article))]
+        timing.record(self.stage, 1, seconds)
         self._tagged.inc()
         return tagged
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 class _ModelBox:

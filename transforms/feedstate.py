@@ -58,6 +58,9 @@ class FeedState:
     last_modified: str | None = None
     body_hash: str | None = None
     items_hash: str | None = None  # of the item ids: a new lastBuildDate alone is no change
+    # Short ids of the items of the last parse: only new items go downstream (not persisted:
+    # after a restart the exact-duplicate check catches the old ones).
+    item_ids: frozenset[str] = frozenset()
     hint: float | None = None  # seconds the feed or its server asked for
     final_url: str | None = None
 

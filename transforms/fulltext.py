@@ -47,6 +47,7 @@ def fetch_full_text(session, feed: Feed, article: dict[str, Any], settings: Fetc
 
 
 class FetchFullTextFn(BatchingDoFn):
+    stage = "full_text"
     def __init__(self, feeds: tuple[Feed, ...], settings: FetchSettings):
         self._feeds = {feed.url: feed for feed in feeds if feed.full_text}
         self._settings = settings

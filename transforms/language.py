@@ -11,6 +11,8 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms import timing
+
 MIN_CONFIDENCE = 0.8
 MIN_WORDS = 4
 _SAMPLE_CHARS = 2_000
@@ -60,7 +62,8 @@ class DetectLanguageFn(beam.DoFn):
     def process(self, article: dict[str, Any]) -> Iterator[dict[str, Any]]:
         language = article.get("language")
         if not language:
-            language = detect(self._identifier, language_sample(article))
+            with timing.stage("language"):
+                language = detect(self._identifier, language_sample(article))
             if language:
                 self._detected.inc()
         skipped = not wants_nlp(language, self._languages)

@@ -192,6 +192,7 @@ def stored_candidates(client: Any, alias: str, keys: list[str], days: float, lim
 
 
 class LinkStoriesFn(BatchingDoFn):
+    stage = "near_duplicates"
     def __init__(self, es_settings: ElasticsearchSettings, settings: DedupeSettings):
         if not 0 < settings.near_duplicate_threshold <= 1:
             raise ValueError("dedupe.near_duplicate_threshold must be in (0, 1]")

@@ -58,10 +58,22 @@ def article_id(url: str, guid: str = "") -> str:
     return hashlib.sha256(basis.encode("utf-8")).hexdigest()[:32]
 
 
+_EARLIEST_DATE = calendar.timegm((1990, 1, 1, 0, 0, 0))
+_FUTURE_SLACK = 2 * 86_400  # time zones and clock skew
+
+
 def _iso(struct: time.struct_time | None) -> str | None:
+    """ISO-8601 UTC, or None for placeholders such as 0001-01-01 or 1970-01-01 (seen in real
+    feeds; Elasticsearch rejects year 1 as written by strftime) and for dates far ahead."""
     if not struct:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(calendar.timegm(struct)))
+    try:
+        seconds = calendar.timegm(struct)
+    except (OverflowError, ValueError):
+        return None
+    if not _EARLIEST_DATE <= seconds <= time.time() + _FUTURE_SLACK:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
@@ -191,6 +203,12 @@ def safe_read_feed(result: FetchResult, max_items: int, max_entry_chars: int) ->
         return read_feed(result, max_items, max_entry_chars)
     except Exception as err:  # feedparser is defensive; anything else is still one bad feed
         return ParsedFeed([], f"{type(err).__name__}: {err}", "unparseable_feed")
+
+
+def timed_read_feed(result: FetchResult, max_items: int, max_entry_chars: int) -> tuple[ParsedFeed, float]:
+    """`safe_read_feed` and its duration; what a parser process runs (transforms/workers.py)."""
+    started = time.perf_counter()
+    return safe_read_feed(result, max_items, max_entry_chars), time.perf_counter() - started
 
 
 def parse_dead_letter(result: FetchResult, parsed: ParsedFeed) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """PollFeeds: a polite, adaptive scheduler that fetches and parses the feeds that are due.
 
-A PeriodicImpulse ticks every `fetch.scheduler_interval` seconds (at most the poll
+A PeriodicImpulse (`Ticks`) ticks every `fetch.scheduler_interval` seconds (at most the poll
 interval) and emits every shard of feeds; a stateful DoFn keyed by shard keeps each feed's
 schedule and validators in Beam state (`transforms/feedstate.py` decides when a feed is
 due) and hands due feeds to a `PoliteExecutor` (per-host concurrency and delay). Fetches
@@ -27,7 +27,8 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.transforms.periodicsequence import ImpulseSeqGenDoFn, ImpulseSeqGenRestrictionProvider
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
@@ -36,7 +37,9 @@ from transforms.deadletter import DEAD, dead_letter
 from transforms.feedstate import (FeedState, body_hash, health_doc, load_states, max_age, on_failure,
                                   on_success)
 from transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
-from transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed
+from transforms import timing
+from transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
+from transforms.workers import WorkerPool
 
 _LOG = logging.getLogger(__name__)
 HEALTH = "health"
@@ -72,15 +75,21 @@ def poll_one(session, feed: Feed, etag: str | None, last_modified: str | None, l
     return outcome
 
 
+def needs_parse(outcome: PollOutcome, last_digest: str | None) -> bool:
+    """A body arrived and it differs from the last one."""
+    return outcome.result is not None and outcome.result.status != 304 and outcome.digest != last_digest
+
+
 def parse_changed(outcome: PollOutcome, last_digest: str | None, settings: FetchSettings) -> None:
-    if outcome.result is not None and outcome.result.status != 304 and outcome.digest != last_digest:
+    if needs_parse(outcome, last_digest):
         outcome.parsed = safe_read_feed(outcome.result, settings.max_items_per_feed, settings.max_entry_chars)
 
 
 def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_interval: float,
-                  settings: FetchSettings) -> tuple[FeedState, list[Any], list[dict[str, Any]]]:
-    """(new state, articles, dead letters) for one attempt. The next poll is counted from
-    the attempt's start, so a feed's rhythm does not drift by its fetch time."""
+                  settings: FetchSettings, due: float | None = None) -> tuple[FeedState, list[Any], list[dict[str, Any]]]:
+    """(new state, articles, dead letters) for one attempt. After a success the next poll is
+    counted from when this one was `due` (else from its start): time spent waiting in a
+    host's polite queue or for a tick must not push every later poll back, cycle after cycle."""
     now = outcome.started
     if outcome.error is not None:
         err = outcome.error
@@ -98,24 +107,43 @@ def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_in
         state = on_failure(state, feed, now=now, error_class=kind, error=parsed.problem, status=result.status,
                            retry_after=None, default_interval=default_interval, settings=settings)
         return state, [], [parse_dead_letter(result, parsed)]
+    state_before = state
     state, changed = on_success(
         state, feed, now=now, status=result.status,
         items=[article["article_id"] for article in parsed.articles] if parsed is not None else None,
         etag=result.headers.get("etag"), last_modified=result.headers.get("last-modified"),
         digest=outcome.digest, hint=hint, final_url=result.final_url, default_interval=default_interval,
         settings=settings)
-    # Unchanged items are not emitted again: downstream dedupe would drop them anyway.
-    return state, parsed.articles if parsed is not None and changed else [], []
+    late = now - due if due is not None else 0.0
+    if 0.0 < late < state.next_due - now:  # a poll later than a whole interval starts a new rhythm
+        state = dataclasses.replace(state, next_due=state.next_due - late)
+    if parsed is None or not changed:
+        return state, [], []
+    # Only items new since the last parse go downstream: a busy feed re-lists the same 50 items
+    # each poll, and they would take NLP budget (and a dedupe lookup) for nothing.
+    seen = state_before.item_ids
+    state = dataclasses.replace(state, item_ids=frozenset(short_id(a) for a in parsed.articles))
+    return state, [a for a in parsed.articles if short_id(a) not in seen], []
+
+
+def short_id(article: dict[str, Any]) -> str:
+    return article["article_id"][:16]
 
 
 class PollShardFn(beam.DoFn):
     """Keyed by shard: `(shard, feeds)` on every tick -> articles, health docs, dead letters."""
 
     STATES = ReadModifyWriteStateSpec("feed_states", PickleCoder())
+    # Articles parsed but not yet handed downstream (see `Budget`); in state, so a restart
+    # does not lose articles whose feed state already counts them as seen.
+    BACKLOG = ReadModifyWriteStateSpec("backlog", PickleCoder())
 
     def __init__(self, settings: FetchSettings, es_settings: ElasticsearchSettings, default_interval: float,
-                 settle: float, slack: float):
+                 settle: float, slack: float, tick: float, shards: int):
         self._settings = settings
+        self._tick = tick
+        self._shards = max(1, shards)
+        self._max_backlog = max(1, settings.max_backlog // self._shards)
         self._slack = slack  # ticks are not exact: a feed due this soon is polled now
         self._es_settings = es_settings
         self._default_interval = default_interval
@@ -132,26 +160,40 @@ class PollShardFn(beam.DoFn):
         self._session = new_session(self._settings)
         self._executor = PoliteExecutor(self._settings.concurrency, self._settings.per_host_concurrency,
                                         self._settings.per_host_delay, self._session.timers)
-        # Parsing is CPU work: one thread of its own, so neither the fetch threads nor the ticks
-        # wait for it (a first poll of 1,000 real feeds is minutes of feedparser).
-        self._parser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse")
+        # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
+        # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
+        processes = self._settings.parse_processes if isinstance(self._settings.parse_processes, int) else 0
+        self._parser = (WorkerPool(processes, name="feedparser") if processes else
+                        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse"))
         self._client = connect(self._es_settings, check=False)
         # Polls still running at the end of a tick: collected on a later tick.
         self._in_flight: dict[str, tuple[concurrent.futures.Future, float]] = {}
+        self._budgets: dict[int, Budget] = {}
 
     def _poll(self, feed: Feed, state: FeedState) -> concurrent.futures.Future:
-        """Fetch on the polite pool, then parse on the parser thread; one future for both."""
+        """Fetch on the polite pool, then parse on the parser; one future for both."""
         done: concurrent.futures.Future = concurrent.futures.Future()
 
-        def parse(outcome: PollOutcome) -> None:
+        def parsed(outcome: PollOutcome, future: concurrent.futures.Future) -> None:
             try:
-                parse_changed(outcome, state.body_hash, self._settings)
-            finally:
-                done.set_result(outcome)
+                outcome.parsed, seconds = future.result()
+                timing.record("parse", 1, seconds)
+            except concurrent.futures.CancelledError:  # shutting down
+                done.cancel()
+                return
+            except Exception as err:  # the parser process died on this feed: a dead letter, not a hang
+                outcome.parsed = ParsedFeed([], f"parser failed: {type(err).__name__}: {err}", "unparseable_feed")
+            done.set_result(outcome)
 
         def fetched(future: concurrent.futures.Future) -> None:
+            outcome: PollOutcome = future.result()
+            if not needs_parse(outcome, state.body_hash):
+                done.set_result(outcome)
+                return
             try:
-                self._parser.submit(parse, future.result())
+                self._parser.submit(timed_read_feed, outcome.result, self._settings.max_items_per_feed,
+                                    self._settings.max_entry_chars).add_done_callback(
+                    lambda parse: parsed(outcome, parse))
             except (concurrent.futures.CancelledError, RuntimeError):  # shutting down
                 done.cancel()
 
@@ -163,9 +205,13 @@ class PollShardFn(beam.DoFn):
         self._settle_until: float | None = None
 
     def process(self, shard: tuple[int, tuple[Feed, ...]], tick=beam.DoFn.TimestampParam,
-                states=beam.DoFn.StateParam(STATES)) -> Iterator:
-        _, feeds = shard
+                states=beam.DoFn.StateParam(STATES), backlog_state=beam.DoFn.StateParam(BACKLOG)) -> Iterator:
+        number, feeds = shard
         now = time.time()
+        # The first budget: 64 articles per tick over all shards, then it adapts.
+        budget = self._budgets.setdefault(number, Budget(self._tick, start=max(4.0, 64 / self._shards)))
+        budget.tick(now)
+        backlog: list[Any] = backlog_state.read() or []
         # One settle budget per bundle: the shards of a tick share it instead of adding up.
         self._settle_until = self._settle_until or now + self._settle
         known: dict[str, FeedState] = states.read() or {}
@@ -175,7 +221,8 @@ class PollShardFn(beam.DoFn):
             known.update(load_states(self._client, self._es_settings.feeds_index, missing, due))
         by_url = {feed.url: feed for feed in feeds}
         known = {url: state for url, state in known.items() if url in by_url}
-        for feed in feeds:
+        # Back-pressure: while this shard's backlog is full, due feeds wait (their lag shows it).
+        for feed in feeds if len(backlog) < self._max_backlog else ():
             state = known[feed.url]
             if feed.url not in self._in_flight and state.next_due <= now + self._slack:
                 self._in_flight[feed.url] = (self._poll(feed, state), state.next_due)
@@ -191,19 +238,23 @@ class PollShardFn(beam.DoFn):
                 continue
             outcome: PollOutcome = future.result()
             state, articles, dead = apply_outcome(known[url], feed, outcome, self._default_interval,
-                                                  self._settings)
+                                                  self._settings, due)
             known[url] = state
             self._count(outcome, articles)
             if outcome.error is not None:
                 _LOG.warning("fetch failed for %s: %s", url, outcome.error)
             self._lag.update(int(max(0.0, outcome.started - due) * 1000))
-            yield from articles
+            timing.observe("poll_lag_s", max(0.0, outcome.started - due))
+            backlog.extend(articles)
             for record in dead:
                 yield beam.pvalue.TaggedOutput(DEAD, record)
             doc = health_doc(state, feed)
             doc["last_lag_seconds"] = round(max(0.0, outcome.started - due), 3)
             yield beam.pvalue.TaggedOutput(HEALTH, doc)
         states.write(known)
+        emitted, backlog = budget.take(backlog)
+        backlog_state.write(backlog)
+        yield from emitted
 
     def _count(self, outcome: PollOutcome, articles: list[Any]) -> None:
         if outcome.error is not None:
@@ -221,6 +272,61 @@ class PollShardFn(beam.DoFn):
         self._parser.shutdown(wait=False, cancel_futures=True)
         self._session.close()
         self._client.close()
+
+
+class Budget:
+    """How many articles one shard hands downstream per tick.
+
+    On the local runner (FnApiRunner) stages run one after the other: the next tick is not
+    polled until the articles of the last one went through NLP. Handing 5,000 articles of a
+    first poll downstream at once would hold polling for minutes; so the shard releases a
+    budget per tick and keeps the rest in its backlog. The budget follows the time between
+    ticks: a gap much longer than the tick means downstream took too long (shrink in
+    proportion); a budget used up with ticks on time grows by a quarter. On runners whose
+    stages run concurrently ticks stay on time and the budget grows out of the way."""
+
+    def __init__(self, tick: float, start: float = 16.0, limit: float = 10_000.0):
+        self._tick = tick
+        self._limit = limit
+        self.size = start
+        self._last: float | None = None
+        self._used_up = False
+
+    def tick(self, now: float) -> None:
+        if self._last is not None:
+            gap = now - self._last
+            if gap > 1.5 * self._tick:
+                self.size = max(1.0, self.size * self._tick / gap)
+            elif self._used_up:
+                self.size = min(self._limit, self.size * 1.25 + 1)
+        self._last = now
+
+    def take(self, backlog: list[Any]) -> tuple[list[Any], list[Any]]:
+        count = int(self.size)
+        self._used_up = len(backlog) >= count
+        return backlog[:count], backlog[count:]
+
+
+class Ticks(ImpulseSeqGenDoFn):
+    """PeriodicImpulse's generator, resting `rest` seconds when it is ahead of time.
+
+    An SDF that defers its remainder asks to be resumed at the next fire time; Beam 2.77's
+    FnApiRunner resumes it at once instead, so an idle local pipeline spun one core at 100%
+    (and took that core from the spaCy workers between ticks). The rest costs a tick at most
+    `rest` of accuracy, here and on runners that honour the resume time."""
+
+    def __init__(self, rest: float = 0.05):
+        super().__init__()
+        self._rest = rest
+
+    def process(self, element, restriction_tracker=beam.DoFn.RestrictionParam(ImpulseSeqGenRestrictionProvider()),
+                watermark_estimator=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())):
+        fired = False
+        for tick in super().process(element, restriction_tracker, watermark_estimator):
+            fired = True
+            yield tick
+        if not fired:
+            time.sleep(self._rest)
 
 
 class PollFeeds(beam.PTransform):
@@ -249,10 +355,11 @@ class PollFeeds(beam.PTransform):
         # stalled host (left in flight, collected on a later tick) barely delays other shards.
         settle = min(1.0, self._tick / 4, self._settings.total_timeout)
         return (pbegin
-                | "Tick" >> PeriodicImpulse(start_timestamp=Timestamp.of(start), stop_timestamp=stop,
-                                            fire_interval=self._tick)
+                | "TickRange" >> beam.Create([(Timestamp.of(start), stop, self._tick)])
+                | "Tick" >> beam.ParDo(Ticks())
                 | "DueShards" >> beam.FlatMap(lambda _tick: shards)
                 | "FetchDueFeeds" >> beam.ParDo(PollShardFn(
-                    self._settings, self._es_settings, self._interval, settle, slack=self._tick / 4)
+                    self._settings, self._es_settings, self._interval, settle, slack=self._tick / 4,
+                    tick=self._tick, shards=len(shards))
                 ).with_outputs(HEALTH, DEAD, main="articles"))
 

@@ -169,20 +169,24 @@ class Passage:
 
 
 def _near_hit(passage: Passage, rule: NearRule) -> str | None:
+    """The first match of one term per group within the window, the terms on different words:
+    "medical assistance" alone is not the verb "assistance" near the supply "medical assistance"."""
     hits = []
     for group in rule.groups:
-        found = [(pos, " ".join(phrase)) for phrase in group for pos in passage.positions(phrase)]
+        found = [(pos, pos + len(phrase), " ".join(phrase)) for phrase in group for pos in passage.positions(phrase)]
         if not found:
             return None
         hits.append(sorted(found))
     anchor, rest = hits[0], hits[1:]
-    for pos, text in anchor:
-        matched = [text]
+    for start, end, text in anchor:
+        matched, taken = [text], [(start, end)]
         for group in rest:
-            close = [t for p, t in group if abs(p - pos) <= rule.window]
+            close = [(s, e, t) for s, e, t in group if abs(s - start) <= rule.window
+                     and all(e <= a or s >= b for a, b in taken)]
             if not close:
                 break
-            matched.append(close[0])
+            matched.append(close[0][2])
+            taken.append(close[0][:2])
         else:
             return " ~ ".join(matched)
     return None

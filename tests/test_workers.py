@@ -1,0 +1,108 @@
+"""Worker processes for spaCy and feedparser (transforms/workers.py) and their use in the
+NER DoFn: same tags as in-process, and a worker that dies costs one dead letter, not a batch."""
+import dataclasses
+
+import pytest
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils import shared
+from apache_beam.utils.timestamp import Timestamp
+
+from pipeline.config import ConfigError, NlpSettings, for_runner, load_settings
+from tests import workerjobs
+from tests.feedserver import fixture_articles
+from transforms.clean import clean_article
+from transforms.entities import TagEntitiesFn
+from transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
+
+
+def test_split_keeps_order_and_balances():
+    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split([1], 4) == [[1]]
+    assert sum(split(list(range(100)), 8), []) == list(range(100))
+
+
+def test_a_pool_maps_in_order_and_survives_a_dead_worker():
+    pool = WorkerPool(2, name="test")
+    try:
+        assert pool.map(workerjobs.square, [[1, 2], [3], [4, 5]]) == [[1, 4], [9], [16, 25]]
+        with pytest.raises(WorkerCrash, match="a test process died"):
+            pool.map(workerjobs.die, [None])
+        assert pool.map(workerjobs.square, [[6]]) == [[36]]  # a new pool took over
+    finally:
+        pool.shutdown()
+
+
+def test_worker_counts_auto_resolve_by_runner_and_bad_values_are_refused(tmp_path):
+    settings = load_settings(None)
+    assert (settings.nlp.processes, settings.fetch.parse_processes) == ("auto", "auto")
+    local = for_runner(settings, local=True)
+    assert local.nlp.processes == resolve_processes(0) >= 1 and local.fetch.parse_processes == 1
+    cluster = for_runner(settings, local=False)
+    assert (cluster.nlp.processes, cluster.fetch.parse_processes) == (0, 0)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("nlp:\n  processes: 3\n")
+    assert for_runner(load_settings(config), local=True).nlp.processes == 3
+    config.write_text("nlp:\n  processes: -1\n")
+    with pytest.raises(ConfigError, match="nlp.processes must be 'auto' or a number >= 0"):
+        load_settings(config)
+
+
+def _articles() -> list[dict]:
+    return [clean_article({"title": f["title"], "content_html": f["html"], "article_id": key, "url": key})
+            for key, f in fixture_articles().items()]
+
+
+def _run(fn: TagEntitiesFn, articles: list[dict]) -> list:
+    fn.setup()
+    try:
+        fn.start_bundle()
+        out = []
+        for article in articles:
+            out += list(fn.process(article, timestamp=Timestamp(0), window=GlobalWindow()))
+        out += list(fn.finish_bundle())
+        return [o.value if isinstance(o, TaggedOutput) else o for o in out], out
+    finally:
+        fn.teardown()
+
+
+def test_pooled_ner_tags_exactly_like_in_process_ner():
+    articles = _articles()
+    in_process, _ = _run(TagEntitiesFn(NlpSettings(processes=0), shared.Shared()), articles)
+    pooled, _ = _run(TagEntitiesFn(NlpSettings(processes=2, batch_size=8), shared.Shared()), articles)
+    assert [a.value["article_id"] for a in pooled] == [a["article_id"] for a in articles]  # order kept
+    assert [a.value["entities"] for a in pooled] == [a.value["entities"] for a in in_process]
+    assert [a.value["lemmas"] for a in pooled] == [a.value["lemmas"] for a in in_process]
+
+
+class _PoisonedFn(TagEntitiesFn):
+    worker = staticmethod(workerjobs.tag_or_die)
+
+
+def test_an_article_that_kills_its_worker_is_a_dead_letter_and_the_batch_is_still_tagged():
+    articles = _articles()
+    articles.insert(2, {**articles[0], "title": "poison", "article_id": "poison", "url": "poison"})
+    values, raw = _run(_PoisonedFn(NlpSettings(processes=2, batch_size=8), shared.Shared()), articles)
+    dead = [o.value.value for o in raw if isinstance(o, TaggedOutput)]
+    assert [(d["stage"], d["article_id"]) for d in dead] == [("entities", "poison")]
+    assert "BrokenProcessPool" in dead[0]["reason"]
+    tagged = [v.value for v in values if isinstance(v.value, dict) and "entities" in v.value]
+    assert sorted(a["article_id"] for a in tagged) == sorted(fixture_articles())
+
+
+def test_the_fnapi_runner_merges_metrics_into_lists_not_a_chain_of_generators():
+    """Beam's FnApiRunner keeps `consolidate(chain(new, previous))` per stage; a generator there
+    holds every earlier bundle for the rest of a streaming run (pipeline/beam_fixes.py)."""
+    from apache_beam.metrics import monitoring_infos
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    from pipeline.beam_fixes import bound_fnapi_metrics
+
+    bound_fnapi_metrics()
+    bound_fnapi_metrics()  # idempotent
+    merged: list = []
+    for value in range(1000):  # what the runner does once per bundle
+        counter = monitoring_infos.int64_user_counter("newsbeam", "n", value)
+        merged = fn_runner.consolidate_monitoring_infos([counter, *merged])
+    assert isinstance(merged, list) and len(merged) == 1
+    assert monitoring_infos.extract_counter_value(merged[0]) == sum(range(1000))

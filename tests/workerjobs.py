@@ -1,0 +1,23 @@
+"""Functions that worker processes run in tests: importable by name, as "spawn" requires."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.config import NlpSettings
+from transforms import entities
+
+
+def square(numbers: list[int]) -> list[int]:
+    return [n * n for n in numbers]
+
+
+def die(_: Any) -> None:
+    os._exit(3)  # what a segfault in a C extension looks like to the pool
+
+
+def tag_or_die(articles: list[dict[str, Any]], settings: NlpSettings):
+    """The real worker function, except that an article titled "poison" kills the process."""
+    if any(article.get("title") == "poison" for article in articles):
+        os._exit(3)
+    return entities._tag_in_worker(articles, settings)
