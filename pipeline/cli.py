@@ -58,17 +58,6 @@ def _report_progress(client, settings: Settings, stop: threading.Event, every: f
                       type(err).__name__)
 
 
-class _AnnounceFallback(logging.Filter):
-    """Says which runner runs as soon as the DirectRunner gives up on Prism: the FnApiRunner
-    then runs the whole streaming job inside `pipeline.run()`, so the line logged after it
-    would only come at the end."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "Falling back to DirectRunner" in record.getMessage():
-            _LOG.info("runner: FnApiRunner (via DirectRunner; Prism unavailable)")
-        return True
-
-
 def _is_local(runner: str | None) -> bool:
     """The runners that execute the whole pipeline in this process (Prism's default loopback
     workers included)."""
@@ -117,18 +106,19 @@ def cmd_run(argv: list[str]) -> int:
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")
     if _is_local(runner):
         bound_fnapi_metrics()
-        logging.getLogger("apache_beam.runners.direct.direct_runner").addFilter(_AnnounceFallback())
     pipeline = beam.Pipeline(options=beam_options)
     build_pipeline(pipeline, settings, taxonomy, options.duration, options.fetch_shards)
     stop = threading.Event()
     threading.Thread(target=_report_progress, args=(client, settings, stop), daemon=True).start()
     started = time.monotonic()
+    result = None
     try:
         result = pipeline.run()
-        _LOG.info("%s: %s", "runner" if "FnApiRunner" not in _runner_used(result, runner) else "ran on",
-                  _runner_used(result, runner))
+        _LOG.info("runner: %s", _runner_used(result, runner))
         result.wait_until_finish()
     except KeyboardInterrupt:
+        if result is None and _is_local(runner):  # only the FnApiRunner runs the job inside run()
+            _LOG.info("runner: FnApiRunner (via DirectRunner; Prism unavailable)")
         _LOG.warning("interrupted; articles already handed to Elasticsearch are kept")
         return 130
     finally:

@@ -188,6 +188,25 @@ def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es
             fn.teardown()
 
 
+def test_the_last_tick_of_a_bounded_run_hands_over_the_whole_backlog(es_settings):
+    """`newsbeam run --duration`: nothing fetched may stay behind in the backlog at the end."""
+    items = [{"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"} for n in range(40)]
+    with HostileServer() as server:
+        feed = Feed(url=server.route("/big.xml", respond(200, rss(items), {"Content-Type": "application/rss+xml"})))
+        now = time.time()
+        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=5.0, slack=0, tick=30.0, shards=8,
+                         stop=now + 10)
+        fn.setup()
+        try:
+            fn.start_bundle()
+            backlog = _State()
+            out = list(fn.process((0, (feed,)), tick=Timestamp.of(now), states=_State(), backlog_state=backlog))
+            assert len([a for a in out if isinstance(a, dict)]) == 40  # not the first budget of 8
+            assert backlog.value == []
+        finally:
+            fn.teardown()
+
+
 def test_the_budget_shrinks_when_ticks_come_late_and_grows_back_when_they_are_on_time():
     budget = Budget(tick=5.0, start=40)
     budget.tick(0.0)

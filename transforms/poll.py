@@ -139,9 +139,10 @@ class PollShardFn(beam.DoFn):
     BACKLOG = ReadModifyWriteStateSpec("backlog", PickleCoder())
 
     def __init__(self, settings: FetchSettings, es_settings: ElasticsearchSettings, default_interval: float,
-                 settle: float, slack: float, tick: float, shards: int):
+                 settle: float, slack: float, tick: float, shards: int, stop: float | None = None):
         self._settings = settings
         self._tick = tick
+        self._stop = stop  # a bounded run: its last tick hands the whole backlog downstream
         self._shards = max(1, shards)
         self._max_backlog = max(1, settings.max_backlog // self._shards)
         self._slack = slack  # ticks are not exact: a feed due this soon is polled now
@@ -252,7 +253,13 @@ class PollShardFn(beam.DoFn):
             doc["last_lag_seconds"] = round(max(0.0, outcome.started - due), 3)
             yield beam.pvalue.TaggedOutput(HEALTH, doc)
         states.write(known)
-        emitted, backlog = budget.take(backlog)
+        # (1 ms of slack: tick timestamps are rounded to microseconds)
+        last_tick = self._stop is not None and float(tick.micros) / 1e6 + self._tick >= self._stop - 0.001
+        emitted, backlog = (backlog, []) if last_tick else budget.take(backlog)
+        if last_tick:
+            unfinished = sum(url in self._in_flight for url in by_url)
+            _LOG.info("shard %d, last tick: %d articles handed over%s", number, len(emitted),
+                      f"; {unfinished} polls unfinished (polled again on the next run)" if unfinished else "")
         backlog_state.write(backlog)
         yield from emitted
 
@@ -360,6 +367,6 @@ class PollFeeds(beam.PTransform):
                 | "DueShards" >> beam.FlatMap(lambda _tick: shards)
                 | "FetchDueFeeds" >> beam.ParDo(PollShardFn(
                     self._settings, self._es_settings, self._interval, settle, slack=self._tick / 4,
-                    tick=self._tick, shards=len(shards))
+                    tick=self._tick, shards=len(shards), stop=start + self._duration if self._duration else None)
                 ).with_outputs(HEALTH, DEAD, main="articles"))
 
