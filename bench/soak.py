@@ -128,13 +128,13 @@ def main() -> int:
     per_feed = defaultdict(int)
     for _, url in requests:
         if "/bad/" not in url:
-            per_feed[url.split(":", 1)[1]] += 1
+            per_feed[url.split("/", 1)[1]] += 1  # "host:port/feed/7.xml" -> "feed/7.xml"
     expected = int(duration // args.interval) + 1
     es = Elasticsearch(es_url, request_timeout=60)
     es.indices.refresh(index=f"{prefix}-*")
     health = es.search(index=f"{prefix}-feeds", size=100, query={"exists": {"field": "error_class"}},
                        source=["feed_url", "error_class", "consecutive_failures"])["hits"]["hits"]
-    hinted = {h["_source"]["feed_url"].split(":", 1)[1] for h in es.search(
+    hinted = {h["_source"]["feed_url"].split("/", 3)[3] for h in es.search(
         index=f"{prefix}-feeds", size=2000, source=["feed_url"],
         query={"range": {"refresh_hint_seconds": {"gt": args.interval}}})["hits"]["hits"]}
     on_schedule = [n for url, n in per_feed.items() if url not in hinted]
