@@ -12,10 +12,14 @@ pipeline process, i.e. one process like bare spaCy):
    articles/s = articles / (first fetch -> last article indexed), read from the index;
 2. latency: then the held-back articles are appended to the feeds one every `--spacing`
    seconds; a watcher searches Elasticsearch every 0.2 s and records when each one becomes
-   searchable and when its alert (a rule matching `--alert-query`) is written;
+   searchable and when its alert is written (the benchmark's watch rule matches every probe and
+   `--alert-share` of the other articles: a watch term, not every article, as users set them);
 3. time per stage (transforms/timing.py), peak RSS of the pipeline process and of it plus its
-   worker processes (sampled every 0.5 s from /proc), the runner actually used.
-Bare spaCy: `nlp.pipe` in this process over the same texts, same model and components.
+   worker processes (sampled every 0.5 s from /proc), the runner actually used, and CPU per
+   article of the pipeline process, its workers, Elasticsearch and this script during phase 1.
+Bare spaCy: `nlp.pipe` in this process over the same texts, same model and components, and the
+same in one forked process per core; measured before and after the pipeline runs (shared
+machines drift), the ratios use the mean.
 Starts a throw-away Elasticsearch unless --es-url is given. Linux only (/proc).
 """
 from __future__ import annotations
@@ -58,6 +62,22 @@ def load_corpus(path: Path | None, limit: int) -> list[dict]:
     return records
 
 
+WATCH_WORD = "quillmark"  # in no corpus; the benchmark's alert rule watches for it
+
+
+def mark_watched(records: list[dict], share: float, probes: int) -> list[dict]:
+    """Adds a sentence with the watch word to every probe and to `share` of the other articles,
+    spread evenly, so the alert rule matches those and only those."""
+    every = round(1 / share) if share > 0 else 0
+    marked = []
+    for number, record in enumerate(records):
+        if number >= len(records) - probes or (every and number % every == 0):
+            record = {**record, "body_text": f"{record['body_text']}\nAnalysts at {WATCH_WORD.title()} "
+                                             "followed the story."}
+        marked.append(record)
+    return marked
+
+
 def item_xml(record: dict) -> str:
     body = "".join(f"<p>{html.escape(p)}</p>" for p in record["body_text"].split("\n") if p.strip())
     return (f"<item><title>{html.escape(record['title'])}</title><link>{html.escape(record['url'])}</link>"
@@ -85,7 +105,35 @@ def bare_spacy(records: list[dict]) -> dict:
     words = sum(len(doc) for doc in nlp.pipe(texts, batch_size=settings.batch_size))
     seconds = time.perf_counter() - started
     return {"articles_per_s": round(len(texts) / seconds, 2), "tokens_per_s": round(words / seconds),
+            "articles_per_s_all_cores": bare_spacy_parallel(nlp, texts, settings.batch_size, os.cpu_count() or 1),
             "components": ", ".join(nlp.pipe_names)}
+
+
+def _bare_process(nlp, texts: list[str], batch_size: int, ready, finished) -> None:
+    for _ in nlp.pipe(texts[:5]):
+        pass
+    ready.wait()
+    for _ in nlp.pipe(texts, batch_size=batch_size):
+        pass
+    finished.put(time.perf_counter())
+
+
+def bare_spacy_parallel(nlp, texts: list[str], batch_size: int, processes: int) -> float:
+    """Articles/s of `processes` forked copies of the model, each piping its share of the
+    texts, started together: what this machine's cores can do with spaCy alone."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    ready, finished = context.Barrier(processes + 1), context.Queue()
+    workers = [context.Process(target=_bare_process, args=(nlp, texts[i::processes], batch_size, ready, finished))
+               for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    ready.wait()
+    started = time.perf_counter()
+    ended = max(finished.get() for _ in workers)
+    for worker in workers:
+        worker.join()
+    return round(len(texts) / (ended - started), 2)
 
 
 class RssSampler(threading.Thread):
@@ -117,6 +165,26 @@ def _rss_mb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    if not pid:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pipeline: int, es: int | None) -> dict[str, float]:
+    """CPU seconds so far of the pipeline process, its worker processes, Elasticsearch and
+    this benchmark (feed server, watcher, sampler): where the machine's cores went."""
+    own = os.times()
+    return {"pipeline_process": _cpu_seconds(pipeline),
+            "worker_processes": sum(_cpu_seconds(pid) for pid in _descendants(pipeline)),
+            "elasticsearch": _cpu_seconds(es), "benchmark_process": own.user + own.system}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -176,7 +244,7 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[int(fraction * 100) - 1], 2)
 
 
-def run_pipeline(args, es_url: str, records: list[dict], processes: str) -> dict:
+def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], processes: str) -> dict:
     warmup, records = records[0], records[1:]
     backlog, probes = records[:-args.latency_items or None], records[len(records) - args.latency_items:]
     prefix = f"bench-{int(time.time() * 1000)}"
@@ -197,7 +265,7 @@ def run_pipeline(args, es_url: str, records: list[dict], processes: str) -> dict
     es = Elasticsearch(es_url, request_timeout=60)
     env = {**os.environ, "NEWSBEAM_STAGE_TIMES": str(work / "stages.json")}
     cli = [sys.executable, "-m", "pipeline.cli"]
-    subprocess.run([*cli, "alerts", "add", "bench", "--query", args.alert_query, "--config", str(config)],
+    subprocess.run([*cli, "alerts", "add", "bench", "--query", WATCH_WORD, "--config", str(config)],
                    cwd=REPO, env=env, check=True, capture_output=True)
     per_feed: list[list[str]] = [[] for _ in range(args.feeds)]
     for number, record in enumerate(backlog):
@@ -220,10 +288,12 @@ def run_pipeline(args, es_url: str, records: list[dict], processes: str) -> dict
         try:
             _wait_for_count(es, names["articles_alias"], 1, run, args.timeout)
             released = time.time()
+            cpu_before = cpu_snapshot(run.pid, es_pid)
             for number, items in enumerate(per_feed):  # phase 1: the backlog
                 server.serve(f"/feed{number}.xml", feed_xml(([item_xml(warmup)] if number == 0 else []) + items))
             indexed = _wait_for_count(es, names["articles_alias"], len(backlog) + 1, run, args.timeout) - 1
             drained = time.time()
+            cpu_after = cpu_snapshot(run.pid, es_pid)
             throughput = _throughput(es, names["articles_alias"], released)
             for number, record in enumerate(probes):  # phase 2: one new item at a time
                 per_feed[number % args.feeds].append(item_xml(record))
@@ -246,6 +316,11 @@ def run_pipeline(args, es_url: str, records: list[dict], processes: str) -> dict
     stages = json.loads((work / "stages.json").read_text())["stages"] if (work / "stages.json").exists() else {}
     searchable, alerted = watcher.latencies(watcher.searchable), watcher.latencies(watcher.alerted)
     third = max(1, len(sampler.samples) // 3)
+    try:
+        alerts_written = es.count(index=f"{prefix}-alerts")["count"]
+    except NotFoundError:
+        alerts_written = 0
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
     result = {
         "spacy_processes": processes, "runner": runner, "articles": len(backlog), "indexed": indexed,
         **throughput,
@@ -254,12 +329,16 @@ def run_pipeline(args, es_url: str, records: list[dict], processes: str) -> dict
         "latency_probes": len(probes), "probes_searchable": len(searchable),
         "searchable_latency_p50_s": percentile(searchable, 0.5),
         "searchable_latency_p95_s": percentile(searchable, 0.95),
-        "probes_alerted": len(alerted),
+        "alerts_written": alerts_written, "probes_alerted": len(alerted),
         "alert_latency_p50_s": percentile(alerted, 0.5), "alert_latency_p95_s": percentile(alerted, 0.95),
         "poll_interval_s": args.poll_interval,
         "peak_rss_pipeline_process_mb": sampler.peak(1), "peak_rss_with_workers_mb": sampler.peak(2),
         "rss_with_workers_mb_start_middle_end": [sampler.samples[i][2] for i in (third, len(sampler.samples) // 2, -1)]
         if sampler.samples else [],
+        # CPU per backlog article, per process, between release and drain; utilisation is all of
+        # it over (seconds x cores): near 1 means the cores were busy, and the split says with what.
+        "cpu_ms_per_article": {name: round(1000 * value / max(1, indexed), 1) for name, value in cpu.items()},
+        "cpu_utilisation": round(sum(cpu.values()) / max(0.001, (drained - released) * (os.cpu_count() or 1)), 2),
         "stage_seconds": {name: value["seconds"] for name, value in sorted(stages.items())},
         "stage_ms_per_article": {name: round(1000 * value["seconds"] / max(1, value["elements"]), 2)
                                  for name, value in sorted(stages.items())},
@@ -322,7 +401,8 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=5.0)
     parser.add_argument("--latency-items", type=int, default=30)
     parser.add_argument("--spacing", type=float, default=1.0, help="seconds between latency probes")
-    parser.add_argument("--alert-query", default="say", help="the benchmark's alert rule")
+    parser.add_argument("--alert-share", type=float, default=0.1,
+                        help="share of the backlog articles the alert rule matches (all probes match; 1: every article)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--es-url", default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -332,22 +412,34 @@ def main() -> int:
         parser.error(f"corpus {args.corpus} not found")
     if not 0 <= args.latency_items < args.articles:
         parser.error("--latency-items must be below --articles")
-    records = load_corpus(args.corpus, args.articles)
+    if not 0 <= args.alert_share <= 1:
+        parser.error("--alert-share must be between 0 and 1")
+    records = mark_watched(load_corpus(args.corpus, args.articles), args.alert_share, args.latency_items)
     print(f"[bench] bare spaCy over {len(records) - args.latency_items} articles", file=sys.stderr)
     bare = bare_spacy(records[:len(records) - args.latency_items])
-    es_dir = None
+    es_dir, es_pid = None, None
     es_url = args.es_url
     if not es_url:
         es_dir = Path(tempfile.mkdtemp(prefix="newsbeam-bench-es-"))
         es_url = local_es.start(es_dir, port=local_es.free_port(), heap="1g").url
+        es_pid = local_es.running_pid(es_dir)
     try:
-        runs = [run_pipeline(args, es_url, records, value.strip()) for value in args.processes.split(",")]
+        runs = [run_pipeline(args, es_url, es_pid, records, value.strip()) for value in args.processes.split(",")]
     finally:
         if es_dir:
             local_es.stop(es_dir)
             shutil.rmtree(es_dir, ignore_errors=True)
+    # Shared machines drift (we saw bare spaCy vary by +-10% within an hour): bare spaCy is
+    # measured before and after the pipeline runs, and the ratios use the mean.
+    print("[bench] bare spaCy again", file=sys.stderr)
+    after = bare_spacy(records[:len(records) - args.latency_items])
+    bare = {"components": bare["components"], "tokens_per_s": round((bare["tokens_per_s"] + after["tokens_per_s"]) / 2),
+            **{key: round((bare[key] + after[key]) / 2, 2) for key in ("articles_per_s", "articles_per_s_all_cores")},
+            "articles_per_s_before_after": [bare["articles_per_s"], after["articles_per_s"]],
+            "articles_per_s_all_cores_before_after": [bare["articles_per_s_all_cores"], after["articles_per_s_all_cores"]]}
     for run in runs:
         run["ratio_to_bare_spacy"] = round(run["end_to_end_articles_per_s"] / bare["articles_per_s"], 3)
+        run["ratio_to_bare_spacy_all_cores"] = round(run["end_to_end_articles_per_s"] / bare["articles_per_s_all_cores"], 3)
     report = {"corpus": str(args.corpus or "synthetic"), "cpus": os.cpu_count(), "bare_spacy": bare, "runs": runs}
     _print(report)
     if args.json:
@@ -358,8 +450,10 @@ def main() -> int:
 def _print(report: dict) -> None:
     print(f"corpus {report['corpus']}, {report['cpus']} CPUs")
     bare = report["bare_spacy"]
-    print(f"bare spaCy nlp.pipe ({bare['components']}): {bare['articles_per_s']} articles/s, "
-          f"{bare['tokens_per_s']} tokens/s")
+    print(f"bare spaCy nlp.pipe ({bare['components']}): {bare['articles_per_s']} articles/s "
+          f"(before/after the pipeline runs: {bare['articles_per_s_before_after']}), {bare['tokens_per_s']} tokens/s; "
+          f"{report['cpus']} processes: {bare['articles_per_s_all_cores']} articles/s "
+          f"({bare['articles_per_s_all_cores_before_after']})")
     for run in report["runs"]:
         print(f"\n== pipeline, spaCy processes: {run['spacy_processes']}")
         for key, value in run.items():

@@ -98,7 +98,7 @@ class ElasticsearchSettings:
     articles_alias: str = "news-articles"
     deadletter_index: str = "newsbeam-deadletters"
     feeds_index: str = "newsbeam-feeds"
-    bulk_actions: int = 500
+    bulk_actions: int = 50  # small bulks: the local runner waits for each, the NER workers go on meanwhile
     bulk_bytes: int = 5 * 1024 * 1024
     request_timeout: float = 30.0
     ca_certs: str | None = None

@@ -167,7 +167,7 @@ def _run_as_user() -> list[str]:
     return ["runuser", "-u", RUN_AS, "--"]
 
 
-def _pid(directory: Path) -> int | None:
+def running_pid(directory: Path) -> int | None:
     try:
         pid = int((directory / "es.pid").read_text().strip())
         os.kill(pid, 0)
@@ -201,9 +201,9 @@ def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = Fals
     security = security or tls
     home = fetch()
     directory = directory.resolve()
-    if _pid(directory):
+    if running_pid(directory):
         instance = Instance.load(directory)
-        _say(f"already running at {instance.url} (pid {_pid(directory)})")
+        _say(f"already running at {instance.url} (pid {running_pid(directory)})")
         return instance
     config = directory / "config"
     if not config.exists():
@@ -265,7 +265,7 @@ def wait(instance: Instance, timeout: float = 180.0) -> None:
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
             last = str(err)
-        if not _pid(instance.directory) and time.monotonic() > deadline - timeout + 15:
+        if not running_pid(instance.directory) and time.monotonic() > deadline - timeout + 15:
             break
         time.sleep(1)
     tail = ""
@@ -277,15 +277,15 @@ def wait(instance: Instance, timeout: float = 180.0) -> None:
 
 
 def stop(directory: Path = DEFAULT_DIR, timeout: float = 60.0) -> None:
-    pid = _pid(directory.resolve())
+    pid = running_pid(directory.resolve())
     if not pid:
         _say("not running")
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid(directory.resolve()):
+    while time.monotonic() < deadline and running_pid(directory.resolve()):
         time.sleep(0.5)
-    if _pid(directory.resolve()):
+    if running_pid(directory.resolve()):
         os.kill(pid, signal.SIGKILL)
     _say(f"stopped (pid {pid})")
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stop":
             stop(args.dir)
         else:
-            pid = _pid(args.dir.resolve())
+            pid = running_pid(args.dir.resolve())
             print(f"running (pid {pid}) at {Instance.load(args.dir.resolve()).url}" if pid else "not running")
             return 0 if pid else 1
     except (LocalEsError, subprocess.CalledProcessError, OSError) as err:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import html
 import json
-import threading
 import time
 from email.utils import format_datetime
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.loopback import LoopbackServer, QuietHandler
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -37,7 +37,7 @@ def rss(items: list[dict[str, Any]], title: str = "Example World News") -> bytes
     return "".join(parts).encode("utf-8")
 
 
-class FeedServer:
+class FeedServer(LoopbackServer):
     """Routes path -> (status, headers, body or callable, delay). Counts requests per path."""
 
     def __init__(self):
@@ -46,7 +46,7 @@ class FeedServer:
         self.log: list[tuple[float, str]] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 path = self.path.split("?")[0]
                 server.hits[path] = server.hits.get(path, 0) + 1
@@ -67,26 +67,9 @@ class FeedServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def log_message(self, *args):
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        super().__init__(Handler)
 
     def serve(self, path: str, body: Any, status: int = 200, headers: dict[str, str] | None = None,
               delay: float = 0.0) -> str:
         self.routes[path] = (status, headers or {}, body, delay)
         return self.url(path)
-
-    def __enter__(self) -> "FeedServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gzip
 import socket
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
+
+from tests.loopback import LoopbackServer, QuietHandler
 
 Behaviour = Callable[[BaseHTTPRequestHandler], None]
 
@@ -87,13 +88,13 @@ def conditional(body: bytes, etag: str, content_type: str = "application/rss+xml
     return behave
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     def __init__(self, host: str = "127.0.0.1"):
         self.routes: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
@@ -106,17 +107,7 @@ class HostileServer:
                     pass
                 self.close_connection = True
 
-            def log_message(self, *args):
-                pass
-
-        self._httpd = ThreadingHTTPServer((host, 0), Handler)
-        self._httpd.daemon_threads = True
-        self.host = host
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        super().__init__(Handler, host)
 
     def route(self, path: str, behaviour: Behaviour) -> str:
         self.routes[path] = behaviour
@@ -124,11 +115,3 @@ class HostileServer:
 
     def hits(self, path: str) -> int:
         return sum(1 for p, _ in self.requests if p == path)
-
-    def __enter__(self) -> "HostileServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()

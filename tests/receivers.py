@@ -8,11 +8,12 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.loopback import LoopbackServer, QuietHandler
 
-class WebhookReceiver:
+
+class WebhookReceiver(LoopbackServer):
     """Records every POST as {time, path, headers, body (JSON)}. A path that was told to
     `fail()` answers 503 until `recover()`; those attempts are recorded in `refused`."""
 
@@ -23,7 +24,7 @@ class WebhookReceiver:
         self._lock = threading.Lock()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 record = {"time": time.time(), "path": self.path, "headers": dict(self.headers),
@@ -36,13 +37,7 @@ class WebhookReceiver:
                 self.end_headers()
                 self.wfile.write(b"ok")
 
-            def log_message(self, *args):
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def fail(self, path: str) -> None:
         with self._lock:
@@ -53,7 +48,7 @@ class WebhookReceiver:
             self.failing.discard(path)
 
     def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return super().url(path)
 
     def bodies(self, path: str | None = None) -> list[Any]:
         with self._lock:
@@ -64,14 +59,6 @@ class WebhookReceiver:
         while time.monotonic() < deadline and len(self.bodies(path)) < count:
             time.sleep(0.05)
         return self.bodies(path)
-
-    def __enter__(self) -> "WebhookReceiver":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
 
 class SmtpReceiver:

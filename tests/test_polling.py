@@ -15,7 +15,7 @@ from tests.hostileserver import HostileServer, respond, stall
 from transforms.feedstate import FeedState, max_age, on_failure, on_success
 from transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
 from transforms.parse import parse_document, refresh_hint
-from transforms.poll import Budget, PollShardFn
+from transforms.poll import Budget, PollShardFn, tick_wait
 
 SETTINGS = FetchSettings(allow_private_addresses=True, max_poll_interval=86_400, dead_after=3,
                          dead_retry_interval=21_600, connect_timeout=1, read_timeout=1, total_timeout=4,
@@ -219,6 +219,17 @@ def test_the_budget_shrinks_when_ticks_come_late_and_grows_back_when_they_are_on
     budget.take([])  # nothing waiting: no reason to grow
     budget.tick(30.0)
     assert budget.size == pytest.approx(13.5)
+
+
+def test_the_tick_generator_waits_until_its_next_tick_is_due_and_no_longer():
+    """The local runner resumes the tick generator at once after it defers; it sleeps until
+    the tick is due instead of cycling through empty bundles (transforms/poll.py `Ticks`)."""
+    from apache_beam.io.restriction_trackers import OffsetRange
+    element = (Timestamp.of(1000.0), Timestamp.of(2000.0), 5.0)  # ticks at 1000, 1005, 1010, ...
+    assert tick_wait(element, OffsetRange(3, 200), now=1012.5) == pytest.approx(2.5)  # tick 3 due at 1015
+    assert tick_wait(element, OffsetRange(3, 200), now=1016.0) == 0.0  # late: fire now
+    assert tick_wait(element, OffsetRange(3, 200), now=990.0) == 5.0  # never more than one interval
+    assert tick_wait(element, OffsetRange(200, 200), now=1012.5) == 0.0  # range done: nothing to wait for
 
 
 def test_feed_and_fetch_settings_are_validated(tmp_path):

@@ -1,7 +1,5 @@
 """Worker processes for spaCy and feedparser (transforms/workers.py) and their use in the
 NER DoFn: same tags as in-process, and a worker that dies costs one dead letter, not a batch."""
-import dataclasses
-
 import pytest
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow

@@ -198,7 +198,7 @@ class LinkStoriesFn(BatchingDoFn):
             raise ValueError("dedupe.near_duplicate_threshold must be in (0, 1]")
         self._es_settings = es_settings
         self._settings = settings
-        self.batch_size = 200
+        self.batch_size = 32  # small: NER (next) starts on the first batch, not after the whole bundle
         self._linked = Metrics.counter("newsbeam", "articles_linked_to_story")
 
     def setup(self) -> None:

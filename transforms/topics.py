@@ -226,7 +226,7 @@ class ArticleText:
 
 def score_topic(topic: Topic, text: ArticleText, labels: set[str]) -> tuple[float, list[str]]:
     if topic.requires_entities and not topic.requires_entities & labels:
-        return 0.0, []
+        return 0.0, [f"no {'/'.join(sorted(topic.requires_entities))} entity (required)"]
     if topic.scope == "article":
         return passage_evidence(topic, text.whole, title=text.headline)
     head_score, head_evidence = passage_evidence(topic, text.headline, "(title)", topic.headline_terms)

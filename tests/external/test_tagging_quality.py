@@ -34,7 +34,7 @@ def test_medical_aid_on_disaster_response_news(tagger):
     result = evaluate.evaluate_topics(tagger, examples, [AID, "natural disasters"])
     aid, disasters = result["topics"][AID], result["topics"]["natural disasters"]
     print(f"\ndisaster-response news: {AID} {aid}; natural disasters {disasters}")
-    assert aid["f1"] >= 0.45 and aid["precision"] >= 0.63
+    assert aid["f1"] >= 0.47 and aid["precision"] >= 0.57
     assert disasters["f1"] >= 0.60
 
 
