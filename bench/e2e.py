@@ -322,7 +322,8 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
         alerts_written = 0
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
     result = {
-        "spacy_processes": processes, "runner": runner, "articles": len(backlog), "indexed": indexed,
+        "spacy_processes": processes, "runner": runner, "pipeline_exit_code": run.returncode,
+        "articles": len(backlog), "indexed": indexed,
         **throughput,
         "seconds_start_to_warm": round(released - started, 1),
         "seconds_released_to_drained": round(drained - released, 1),
@@ -402,7 +403,8 @@ def main() -> int:
     parser.add_argument("--latency-items", type=int, default=30)
     parser.add_argument("--spacing", type=float, default=1.0, help="seconds between latency probes")
     parser.add_argument("--alert-share", type=float, default=0.1,
-                        help="share of the backlog articles the alert rule matches (all probes match; 1: every article)")
+                        help="share of the backlog articles the alert rule matches "
+                             "(all probes match; 1: every article)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--es-url", default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -436,10 +438,12 @@ def main() -> int:
     bare = {"components": bare["components"], "tokens_per_s": round((bare["tokens_per_s"] + after["tokens_per_s"]) / 2),
             **{key: round((bare[key] + after[key]) / 2, 2) for key in ("articles_per_s", "articles_per_s_all_cores")},
             "articles_per_s_before_after": [bare["articles_per_s"], after["articles_per_s"]],
-            "articles_per_s_all_cores_before_after": [bare["articles_per_s_all_cores"], after["articles_per_s_all_cores"]]}
+            "articles_per_s_all_cores_before_after": [bare["articles_per_s_all_cores"],
+                                                      after["articles_per_s_all_cores"]]}
     for run in runs:
         run["ratio_to_bare_spacy"] = round(run["end_to_end_articles_per_s"] / bare["articles_per_s"], 3)
-        run["ratio_to_bare_spacy_all_cores"] = round(run["end_to_end_articles_per_s"] / bare["articles_per_s_all_cores"], 3)
+        run["ratio_to_bare_spacy_all_cores"] = round(run["end_to_end_articles_per_s"]
+                                                     / bare["articles_per_s_all_cores"], 3)
     report = {"corpus": str(args.corpus or "synthetic"), "cpus": os.cpu_count(), "bare_spacy": bare, "runs": runs}
     _print(report)
     if args.json:

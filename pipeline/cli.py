@@ -116,7 +116,10 @@ def cmd_run(argv: list[str]) -> int:
         result = pipeline.run()
         _LOG.info("runner: %s", _runner_used(result, runner))
         result.wait_until_finish()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as err:
+        # Beam re-raises a Ctrl-C that lands inside a DoFn as "RuntimeError: KeyboardInterrupt [while running …]".
+        if isinstance(err, RuntimeError) and not str(err).startswith("KeyboardInterrupt"):
+            raise
         if result is None and _is_local(runner):  # only the FnApiRunner runs the job inside run()
             _LOG.info("runner: FnApiRunner (via DirectRunner; Prism unavailable)")
         _LOG.warning("interrupted; articles already handed to Elasticsearch are kept")
