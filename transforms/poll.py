@@ -70,8 +70,8 @@ def poll_one(session, feed: Feed, etag: str | None, last_modified: str | None, l
     if outcome.result.status == 304:
         return outcome
     outcome.digest = body_hash(outcome.result.body)
-    if parse:
-        parse_changed(outcome, last_digest, settings)
+    if parse and needs_parse(outcome, last_digest):
+        outcome.parsed = safe_read_feed(outcome.result, settings.max_items_per_feed, settings.max_entry_chars)
     return outcome
 
 
@@ -80,13 +80,8 @@ def needs_parse(outcome: PollOutcome, last_digest: str | None) -> bool:
     return outcome.result is not None and outcome.result.status != 304 and outcome.digest != last_digest
 
 
-def parse_changed(outcome: PollOutcome, last_digest: str | None, settings: FetchSettings) -> None:
-    if needs_parse(outcome, last_digest):
-        outcome.parsed = safe_read_feed(outcome.result, settings.max_items_per_feed, settings.max_entry_chars)
-
-
-def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_interval: float,
-                  settings: FetchSettings, due: float | None = None) -> tuple[FeedState, list[Any], list[dict[str, Any]]]:
+def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_interval: float, settings: FetchSettings,
+                  due: float | None = None) -> tuple[FeedState, list[Any], list[dict[str, Any]]]:
     """(new state, articles, dead letters) for one attempt. After a success the next poll is
     counted from when this one was `due` (else from its start): time spent waiting in a
     host's polite queue or for a tick must not push every later poll back, cycle after cycle."""
