@@ -15,12 +15,14 @@ from tests.loopback import LoopbackServer, QuietHandler
 
 class WebhookReceiver(LoopbackServer):
     """Records every POST as {time, path, headers, body (JSON)}. A path that was told to
-    `fail()` answers 503 until `recover()`; those attempts are recorded in `refused`."""
+    `fail()` answers 503 until `recover()`; those attempts are recorded in `refused`. A path
+    that was told to `stall()` answers only after that many seconds."""
 
     def __init__(self):
         self.received: list[dict[str, Any]] = []
         self.refused: list[dict[str, Any]] = []
         self.failing: set[str] = set()
+        self.stalls: dict[str, float] = {}
         self._lock = threading.Lock()
         receiver = self
 
@@ -32,6 +34,8 @@ class WebhookReceiver(LoopbackServer):
                 with receiver._lock:
                     down = self.path in receiver.failing
                     (receiver.refused if down else receiver.received).append(record)
+                    stall = receiver.stalls.get(self.path, 0.0)
+                time.sleep(stall)
                 self.send_response(503 if down else 200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -42,6 +46,10 @@ class WebhookReceiver(LoopbackServer):
     def fail(self, path: str) -> None:
         with self._lock:
             self.failing.add(path)
+
+    def stall(self, path: str, seconds: float) -> None:
+        with self._lock:
+            self.stalls[path] = seconds
 
     def recover(self, path: str) -> None:
         with self._lock:

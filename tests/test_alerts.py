@@ -2,6 +2,7 @@
 outbox), a webhook receiver that fails on command, an SMTP server (aiosmtpd), and
 `newsbeam alerts` / `newsbeam run` as a user runs them."""
 import dataclasses
+import pickle
 import re
 import subprocess
 import sys
@@ -99,6 +100,36 @@ def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es
         assert "**ventilators**" in bodies[0]["snippet"]
         docs = alert_docs(es, alert_settings, "vents")
         assert all(doc["pending_targets"] == [] and doc["deliveries"][0]["status"] == "delivered" for doc in docs)
+
+
+def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es, alert_settings):
+    """The outbox is a daemon thread; exiting while it sends must not leave a claim that holds
+    the alert back for `claim_seconds` (120 s) from the next run."""
+    with WebhookReceiver() as hook:
+        hook.fail("/hook")
+        save_rule(es, alert_settings, Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",)))
+        articles = [enriched(n) for n in range(3)]
+        match_in_pipeline(alert_settings, articles, [a["article_id"] for a in articles])
+        Outbox.stop_shared()
+        hook.recover("/hook")
+        hook.stall("/hook", 1.5)
+        pickled = tmp_path / "settings.pickle"
+        pickled.write_bytes(pickle.dumps(alert_settings))
+        exiting = ("import pickle, sys, time\n"
+                   "from transforms.delivery import Outbox\n"
+                   "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+                   "Outbox.shared(settings.elasticsearch, settings.alerts).wake()\n"
+                   "time.sleep(0.5)  # exit while the first webhook call is stalled\n")
+        exited = subprocess.run([sys.executable, "-c", exiting, str(pickled)], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        assert exited.returncode == 0, exited.stderr[-3000:]
+        assert len(hook.bodies()) == 1  # it was sending the first one when asked to exit
+        docs = alert_docs(es, alert_settings, "vents")
+        assert all(record["claimed_until"] is None for doc in docs for record in doc["deliveries"]), repr([d["deliveries"] for d in docs])
+        hook.stall("/hook", 0)
+        assert Outbox(es, alert_settings.alerts).sweep() == 2  # the next run sends the rest at once
+        assert sorted(b["alert_id"] for b in hook.bodies()) == sorted(alert_id("vents", a["article_id"])
+                                                                      for a in articles)
 
 
 def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings):

@@ -19,6 +19,7 @@ never re-sends what was delivered.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import html
@@ -245,6 +246,7 @@ class Outbox:
 
     _shared: dict[tuple[str, str], "Outbox"] = {}
     _shared_lock = threading.Lock()
+    _exit_hook = False
 
     def __init__(self, client: Elasticsearch, settings: AlertSettings, senders: Senders | None = None):
         self._client = client
@@ -265,7 +267,18 @@ class Outbox:
         with cls._shared_lock:
             if key not in cls._shared:
                 cls._shared[key] = cls(connect(es, check=False), settings).start()
+                cls._stop_at_exit()
             return cls._shared[key]
+
+    @classmethod
+    def _stop_at_exit(cls) -> None:
+        """Interpreter exit kills daemon threads where they stand: a sweep killed between claim
+        and release would hold its alerts back for `claim_seconds`. Registered after the client
+        exists so that it runs before (atexit is LIFO) urllib3's pool finalizers, which would
+        leave the sweep's last write waiting for a connection forever."""
+        if not cls._exit_hook:
+            atexit.register(cls.stop_shared)
+            cls._exit_hook = True
 
     @classmethod
     def stop_shared(cls) -> None:
@@ -281,6 +294,7 @@ class Outbox:
         return self
 
     def stop(self) -> None:
+        """Ends the sweeps after the delivery in progress, whose claim is released."""
         self._stop.set()
         self._wakeup.set()
         if self._thread:
@@ -331,6 +345,8 @@ class Outbox:
         delivered = 0
         digests: set[tuple[str, str]] = set()
         for hit in due:
+            if self._stop.is_set():
+                return delivered
             doc = hit["_source"]
             digests.update((doc["rule"], r["target"]) for r in doc["deliveries"]
                            if r["digest_seconds"] and self._due(r, now))
@@ -342,6 +358,8 @@ class Outbox:
                                  for record in records)
                 self._release([held])
         for rule, target in sorted(digests):
+            if self._stop.is_set():
+                break
             delivered += self._deliver_digest(rule, target)
         return delivered
 
