@@ -2,6 +2,7 @@
 connections for 60 s while the pipeline streams. Counts are asserted exactly."""
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from tests.faultproxy import FaultProxy
@@ -144,6 +145,14 @@ def test_k_mapping_errors_give_exactly_k_dead_letters(es, es_settings):
     assert counters["index_failed"] == len(bad)
 
 
+def running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
 def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_settings, feed_server):
     import os
     import signal
@@ -173,8 +182,15 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
         if es.indices.exists_alias(name=es_settings.articles_alias):
             es.indices.refresh(index=es_settings.articles_alias)
             count = es.count(index=es_settings.articles_alias)["count"]
+    children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    assert children, "the pipeline runs feedparser in worker processes"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(map(running, children)):
+        time.sleep(0.2)
+    assert not [pid for pid in children if running(pid)], "worker processes outlived the pipeline"
     es.indices.refresh(index=es_settings.articles_alias)
     at_kill = es.count(index=es_settings.articles_alias)["count"]
     assert 20 <= at_kill < 150, f"kill must land mid-run, had {at_kill}"

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
@@ -54,7 +55,7 @@ class WorkerPool:
         _LOG.info("starting %d %s process(es)", self.processes, self._name)
         return concurrent.futures.ProcessPoolExecutor(
             self.processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=self._initializer, initargs=self._initargs)
+            initializer=_start_child, initargs=(os.getpid(), self._initializer, self._initargs))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         with self._lock:
@@ -87,6 +88,20 @@ class WorkerPool:
     def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
         """As `Executor.shutdown`, so a pool can stand in for a thread pool."""
         self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _start_child(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker ends when its parent does: after a `kill -9` of the pipeline nothing closes the
+    pool, and an idle worker (a spaCy model, ~300 MB) would otherwise wait for work forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def split(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
