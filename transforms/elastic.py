@@ -7,6 +7,8 @@ distribution alike. Enrichment happens in Beam; there are no ingest pipelines.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import logging
 import os
@@ -19,7 +21,8 @@ from apache_beam.metrics import Metrics
 from elasticsearch import ApiError, Elasticsearch, TransportError
 
 from pipeline.config import ElasticsearchSettings
-from transforms.batching import BatchingDoFn
+from transforms import timing
+from transforms.batching import PooledBatchingDoFn
 from transforms.deadletter import DEAD, dead_letter
 
 _LOG = logging.getLogger(__name__)
@@ -229,9 +232,15 @@ def _unchecked_client(settings: ElasticsearchSettings) -> Elasticsearch:
     return connect(settings, check=False)
 
 
-class WriteFn(BatchingDoFn):
+class WriteFn(PooledBatchingDoFn):
     """Buffers documents, flushes them with BulkWriter at a count or byte limit and at the
-    end of each bundle; permanent failures go to the `dead` output."""
+    end of each bundle; permanent failures go to the `dead` output.
+
+    A bulk request is sent from a thread of its own and one more batch may fill meanwhile: on
+    the local runner the pipeline thread would otherwise sit idle while Elasticsearch indexes.
+    Documents leave (and the bundle ends) only once Elasticsearch has answered for them."""
+
+    max_in_flight = 2
 
     def __init__(self, settings: ElasticsearchSettings, index: str, id_field: str, op: str, stage: str,
                  client_factory: Callable[[ElasticsearchSettings], Any] | None = None):
@@ -252,16 +261,28 @@ class WriteFn(BatchingDoFn):
 
     def setup(self) -> None:
         self._client = (self._client_factory or _unchecked_client)(self._settings)
+        # Beam counts metrics only on the bundle's thread: the sender notes retries here.
+        self._retries: collections.deque[int] = collections.deque()
         self._writer = BulkWriter(self._client, self._index, self._id_field, self._op,
-                                  on_retry=self._retried.inc)
+                                  on_retry=self._retries.append)
+        self._sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"newsbeam-{self.stage}")
 
     def element_bytes(self, doc: dict[str, Any]) -> int:
         # An estimate: the text fields dominate a document's size.
         return sum(len(value) for value in doc.values() if isinstance(value, str)) + 512
 
-    def handle_batch(self, docs: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    def submit_batch(self, docs: list[dict[str, Any]]) -> concurrent.futures.Future:
         stamped = [{**doc, "indexed_at": _now_iso()} if self._op == "create" else doc for doc in docs]
-        outcomes = self._writer.write(stamped)
+        return self._sender.submit(self._write, stamped)
+
+    def _write(self, docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        with timing.stage(self.stage, len(docs)):
+            return self._writer.write(docs)
+
+    def collect(self, docs: list[dict[str, Any]], future: concurrent.futures.Future) -> Iterator[list[Any]]:
+        outcomes = future.result()
+        while self._retries:
+            self._retried.inc(self._retries.popleft())
         for doc, (outcome, detail) in zip(docs, outcomes):
             if outcome == "written":
                 self._written.inc()
@@ -278,6 +299,7 @@ class WriteFn(BatchingDoFn):
                     payload=json.dumps(doc, default=str)))]
 
     def teardown(self) -> None:
+        self._sender.shutdown(wait=True)
         self._client.close()
 
 

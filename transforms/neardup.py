@@ -152,15 +152,22 @@ def best_story(signature: np.ndarray, title: frozenset, candidates: Iterable[Can
     return (best[1], -best[0]) if best else (None, 0.0)
 
 
+def signature_of(article: dict[str, Any]) -> np.ndarray | None:
+    return minhash(shingles(story_text(article)))
+
+
 def link_stories(articles: list[dict[str, Any]], index: StoryIndex, threshold: float,
-                 stored: Iterable[Candidate] = ()) -> list[dict[str, Any]]:
+                 stored: Iterable[Candidate] = (), signatures: list[np.ndarray | None] | None = None
+                 ) -> list[dict[str, Any]]:
     """Adds `story_id`, `story_bands` and `story_minhash` to each article; `stored` are
-    candidates from Elasticsearch. Articles earlier in the list are candidates for later ones."""
+    candidates from Elasticsearch, `signatures` the articles' own when already computed.
+    Articles earlier in the list are candidates for later ones."""
     for article_id, story_id, signature, title in stored:
         index.add(article_id, story_id, signature, title, bands(signature))
+    if signatures is None:
+        signatures = [signature_of(article) for article in articles]
     linked = []
-    for article in articles:
-        signature = minhash(shingles(story_text(article)))
+    for article, signature in zip(articles, signatures):
         if signature is None:
             linked.append({**article, "story_id": article["article_id"]})
             continue
@@ -207,7 +214,7 @@ class LinkStoriesFn(BatchingDoFn):
         self._index = StoryIndex()
 
     def handle_batch(self, articles: list[dict[str, Any]]) -> Iterator[list[Any]]:
-        signatures = [minhash(shingles(story_text(article))) for article in articles]
+        signatures = [signature_of(article) for article in articles]
         keys = sorted({key for signature in signatures if signature is not None for key in bands(signature)})
         stored: list[Candidate] = []
         if keys:
@@ -217,7 +224,8 @@ class LinkStoriesFn(BatchingDoFn):
             except Exception as err:  # recent in-process stories still link; a story may split
                 _LOG.warning("cannot look up stories in %s (%s)", self._es_settings.articles_alias,
                              type(err).__name__)
-        for article in link_stories(articles, self._index, self._settings.near_duplicate_threshold, stored):
+        for article in link_stories(articles, self._index, self._settings.near_duplicate_threshold, stored,
+                                    signatures):
             if article["story_id"] != article["article_id"]:
                 self._linked.inc()
             yield [article]
