@@ -205,3 +205,50 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
         "urls": {"cardinality": {"field": "url"}}})["aggregations"]["urls"]["value"]
     assert total == 150 and unique == 150
     print(f"\nkill -9 at {at_kill}/150 indexed; after restart 150 indexed, 0 duplicates")
+
+
+def test_ctrl_c_stops_the_run_and_its_worker_processes(tmp_path, es, es_settings, feed_server):
+    """A terminal's Ctrl-C reaches the whole process group, workers included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    served = items(0, 15)
+    feed = feed_server.serve("/harbour.xml", lambda: rss(served))
+    config = write_config(tmp_path, es_settings, poll_interval=2)
+
+    def publish():
+        while len(served) < 150:
+            time.sleep(2)
+            served.extend(items(len(served), 15))
+
+    threading.Thread(target=publish, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--feed", feed],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        count = 0
+        while time.time() < deadline and count < 20:
+            time.sleep(0.5)
+            if es.indices.exists_alias(name=es_settings.articles_alias):
+                es.indices.refresh(index=es_settings.articles_alias)
+                count = es.count(index=es_settings.articles_alias)["count"]
+        children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        assert count >= 20 and children
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted; articles already handed to Elasticsearch are kept" in stderr
+    deadline = time.time() + 30
+    while time.time() < deadline and any(map(running, children)):
+        time.sleep(0.2)
+    assert not [pid for pid in children if running(pid)], "worker processes outlived the pipeline"

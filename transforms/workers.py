@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -91,6 +92,10 @@ class WorkerPool:
 
 
 def _start_child(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    # Ctrl-C signals the whole process group. A worker leaves stopping to its parent, which
+    # shuts the pool down; interrupted mid-batch it would fail that batch, or leave the pool
+    # waiting for a result it was sending when the signal arrived.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
