@@ -1,10 +1,15 @@
 """Fault injection against the real Elasticsearch: a TCP proxy in front of it refuses
 connections for 60 s while the pipeline streams. Counts are asserted exactly."""
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tests.conftest import REPO
 from tests.faultproxy import FaultProxy
 from tests.feedserver import rss
 from tests.test_end_to_end import newsbeam, write_config
@@ -153,15 +158,10 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
-def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_settings, feed_server):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    # The feed grows by 15 items every 2 s, so the kill always lands before all 150 exist.
+def busy_run(tmp_path, es, es_settings, feed_server, **popen):
+    """`newsbeam run` on a feed that grows by 15 items every 2 s up to 150, returned once 20
+    articles are indexed (so whatever stops it lands mid-run), with the feed's items, its URL,
+    the config and the PIDs of the run's child processes."""
     served = items(0, 15)
     feed = feed_server.serve("/harbour.xml", lambda: rss(served))
     config = write_config(tmp_path, es_settings, poll_interval=2)
@@ -174,23 +174,33 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
     threading.Thread(target=publish, daemon=True).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--feed", feed],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, **popen)
     deadline = time.time() + 300
     count = 0
-    while time.time() < deadline and count < 20:
+    while time.time() < deadline and count < 20 and process.poll() is None:
         time.sleep(0.5)
         if es.indices.exists_alias(name=es_settings.articles_alias):
             es.indices.refresh(index=es_settings.articles_alias)
             count = es.count(index=es_settings.articles_alias)["count"]
     children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
                 for pid in (task / "children").read_text().split()]
-    assert children, "the pipeline runs feedparser in worker processes"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    return process, served, feed, config, children
+
+
+def assert_exited(children: list[int]) -> None:
     deadline = time.time() + 30
     while time.time() < deadline and any(map(running, children)):
         time.sleep(0.2)
     assert not [pid for pid in children if running(pid)], "worker processes outlived the pipeline"
+
+
+def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_settings, feed_server):
+    process, served, feed, config, children = busy_run(tmp_path, es, es_settings, feed_server,
+                                                       stderr=subprocess.DEVNULL)
+    assert children, "the pipeline runs feedparser in worker processes"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_exited(children)
     es.indices.refresh(index=es_settings.articles_alias)
     at_kill = es.count(index=es_settings.articles_alias)["count"]
     assert 20 <= at_kill < 150, f"kill must land mid-run, had {at_kill}"
@@ -209,38 +219,11 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
 
 def test_ctrl_c_stops_the_run_and_its_worker_processes(tmp_path, es, es_settings, feed_server):
     """A terminal's Ctrl-C reaches the whole process group, workers included."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    served = items(0, 15)
-    feed = feed_server.serve("/harbour.xml", lambda: rss(served))
-    config = write_config(tmp_path, es_settings, poll_interval=2)
-
-    def publish():
-        while len(served) < 150:
-            time.sleep(2)
-            served.extend(items(len(served), 15))
-
-    threading.Thread(target=publish, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--feed", feed],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process, _, _, _, children = busy_run(tmp_path, es, es_settings, feed_server, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        count = 0
-        while time.time() < deadline and count < 20:
-            time.sleep(0.5)
-            if es.indices.exists_alias(name=es_settings.articles_alias):
-                es.indices.refresh(index=es_settings.articles_alias)
-                count = es.count(index=es_settings.articles_alias)["count"]
-        children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
-                    for pid in (task / "children").read_text().split()]
-        assert count >= 20 and children
+        es.indices.refresh(index=es_settings.articles_alias)
+        assert es.count(index=es_settings.articles_alias)["count"] >= 20 and children
         os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=90)
     finally:
@@ -248,7 +231,4 @@ def test_ctrl_c_stops_the_run_and_its_worker_processes(tmp_path, es, es_settings
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, stderr[-3000:]
     assert "interrupted; articles already handed to Elasticsearch are kept" in stderr
-    deadline = time.time() + 30
-    while time.time() < deadline and any(map(running, children)):
-        time.sleep(0.2)
-    assert not [pid for pid in children if running(pid)], "worker processes outlived the pipeline"
+    assert_exited(children)
