@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -81,6 +84,22 @@ def _runner_used(result: Any, requested: str | None) -> str:
     return "PrismRunner (via DirectRunner)" if "portability" in type(result).__module__ else name
 
 
+def _stop_on_sigterm() -> list[int]:
+    """SIGTERM (`kill PID`, `docker stop`, systemd) stops the run as Ctrl-C does; the returned
+    list gets the signal once it came. A shell starts background jobs (`newsbeam run &`) with
+    Ctrl-C ignored, so SIGTERM is how those are stopped."""
+    stopped_by: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        _LOG.info("Ctrl-C is ignored in this process (started in the background): stop it with kill %d", os.getpid())
+    return stopped_by
+
+
 def cmd_run(argv: list[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -91,6 +110,9 @@ def cmd_run(argv: list[str]) -> int:
     from transforms.elastic import connect, ensure_indices
     from transforms.topics import Taxonomy
 
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: for a run that seems stuck
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stopped_by = _stop_on_sigterm()
     beam_options = PipelineOptions(argv)
     options = beam_options.view_as(NewsbeamOptions)
     runner = beam_options.view_as(StandardOptions).runner
@@ -122,6 +144,9 @@ def cmd_run(argv: list[str]) -> int:
             raise
         if result is None and _is_local(runner):  # only the FnApiRunner runs the job inside run()
             _LOG.info("runner: FnApiRunner (via DirectRunner; Prism unavailable)")
+        if stopped_by:
+            _LOG.warning("stopped by SIGTERM; articles already handed to Elasticsearch are kept")
+            return 128 + signal.SIGTERM
         _LOG.warning("interrupted; articles already handed to Elasticsearch are kept")
         return 130
     finally:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
+
 from tests.conftest import REPO
 from tests.faultproxy import FaultProxy
 from tests.feedserver import rss
@@ -217,18 +219,26 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
     print(f"\nkill -9 at {at_kill}/150 indexed; after restart 150 indexed, 0 duplicates")
 
 
-def test_ctrl_c_stops_the_run_and_its_worker_processes(tmp_path, es, es_settings, feed_server):
-    """A terminal's Ctrl-C reaches the whole process group, workers included."""
-    process, _, _, _, children = busy_run(tmp_path, es, es_settings, feed_server, stderr=subprocess.PIPE,
-                                          text=True, start_new_session=True)
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_run_and_its_worker_processes(how, tmp_path, es, es_settings, feed_server):
+    """A terminal's Ctrl-C reaches the whole process group, workers included; SIGTERM (`kill PID`,
+    docker stop) reaches the pipeline process alone."""
+    process, _, _, _, children = busy_run(
+        tmp_path, es, es_settings, feed_server, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # Ctrl-C handled as in a terminal, however the suite was started (a background job ignores it)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         es.indices.refresh(index=es_settings.articles_alias)
         assert es.count(index=es_settings.articles_alias)["count"] >= 20 and children
-        os.killpg(process.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
         _, stderr = process.communicate(timeout=90)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130, stderr[-3000:]
-    assert "interrupted; articles already handed to Elasticsearch are kept" in stderr
+    code, message = {"ctrl-c": (130, "interrupted"), "sigterm": (143, "stopped by SIGTERM")}[how]
+    assert process.returncode == code, stderr[-3000:]
+    assert f"{message}; articles already handed to Elasticsearch are kept" in stderr
     assert_exited(children)
