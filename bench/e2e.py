@@ -5,8 +5,8 @@ local runner into a real Elasticsearch, and bare `nlp.pipe` over the same texts,
     .venv/bin/python bench/e2e.py --corpus ../shared/corpus/articles/recovery-reliable.jsonl
     .venv/bin/python bench/e2e.py --processes 0,2 --json bench.json
 
-Per pipeline run (one per `--processes` value: spaCy worker processes, 0 = spaCy in the
-pipeline process, i.e. one process like bare spaCy):
+Per pipeline run (one per `--processes` value, in that order; repeat a value to see the spread:
+spaCy worker processes, 0 = spaCy in the pipeline process, i.e. one process like bare spaCy):
 0. warm-up: one article, so worker start-up and model loading are not counted;
 1. throughput: then every article but the last `--latency-items` is added to the feeds;
    articles/s = articles / (first fetch -> last article indexed), read from the index;
@@ -17,9 +17,10 @@ pipeline process, i.e. one process like bare spaCy):
 3. time per stage (transforms/timing.py), peak RSS of the pipeline process and of it plus its
    worker processes (sampled every 0.5 s from /proc), the runner actually used, and CPU per
    article of the pipeline process, its workers, Elasticsearch and this script during phase 1.
+Before the first run, an unreported run of `--warmup-articles` warms Elasticsearch up.
 Bare spaCy: `nlp.pipe` in this process over the same texts, same model and components, and the
-same in one forked process per core; measured before and after the pipeline runs (shared
-machines drift), the ratios use the mean.
+same in one forked process per core; measured before and after every pipeline run (shared
+machines drift), and each run's ratios use the mean of its two.
 Starts a throw-away Elasticsearch unless --es-url is given. Linux only (/proc).
 """
 from __future__ import annotations
@@ -107,21 +108,26 @@ def model_texts(records: list[dict], settings) -> list[str]:
     return [truecase_headlines(nlp_text(clean_article(article), settings.max_chars)) for article in articles]
 
 
-def bare_spacy(records: list[dict]) -> dict:
-    """Articles/s and words/s of nlp.pipe alone: same model, components and texts as the pipeline."""
-    from pipeline.config import NlpSettings
-    from transforms.entities import load_model
-    settings = NlpSettings()
-    nlp = load_model(settings.model)
-    texts = model_texts(records, settings)
-    for _ in nlp.pipe(texts[:20]):  # warm-up, as the pipeline's warm-up article (not timed)
-        pass
-    started = time.perf_counter()
-    words = sum(len(doc) for doc in nlp.pipe(texts, batch_size=settings.batch_size))
-    seconds = time.perf_counter() - started
-    return {"articles_per_s": round(len(texts) / seconds, 2), "tokens_per_s": round(words / seconds),
-            "articles_per_s_all_cores": bare_spacy_parallel(nlp, texts, settings.batch_size, os.cpu_count() or 1),
-            "components": ", ".join(nlp.pipe_names)}
+class BareSpacy:
+    """nlp.pipe alone: same model, components and texts as the pipeline; the model is loaded once."""
+
+    def __init__(self, records: list[dict]):
+        from pipeline.config import NlpSettings
+        from transforms.entities import load_model
+        self.settings = NlpSettings()
+        self.nlp = load_model(self.settings.model)
+        self.texts = model_texts(records, self.settings)
+        for _ in self.nlp.pipe(self.texts[:20]):  # warm-up, as the pipeline's warm-up article (not timed)
+            pass
+
+    def measure(self) -> dict:
+        """Articles/s and tokens/s in this process, and articles/s of one forked copy per core."""
+        started = time.perf_counter()
+        words = sum(len(doc) for doc in self.nlp.pipe(self.texts, batch_size=self.settings.batch_size))
+        seconds = time.perf_counter() - started
+        return {"articles_per_s": round(len(self.texts) / seconds, 2), "tokens_per_s": round(words / seconds),
+                "articles_per_s_all_cores": bare_spacy_parallel(self.nlp, self.texts, self.settings.batch_size,
+                                                                os.cpu_count() or 1)}
 
 
 def _bare_process(nlp, texts: list[str], batch_size: int, ready, finished) -> None:
@@ -325,7 +331,7 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
             _stop(run)
             log.close()
     output = (work / "pipeline.log").read_text()
-    if run.returncode not in (0, 130, -signal.SIGINT):
+    if run.returncode not in (0, 128 + signal.SIGTERM):
         print(output[-3000:], file=sys.stderr)
     runner = next((line.split(": runner: ", 1)[1] for line in output.splitlines() if ": runner: " in line), "?")
     stages = json.loads((work / "stages.json").read_text())["stages"] if (work / "stages.json").exists() else {}
@@ -359,7 +365,11 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
         "stage_ms_per_article": {name: round(1000 * value["seconds"] / max(1, value["elements"]), 2)
                                  for name, value in sorted(stages.items())},
     }
-    shutil.rmtree(work, ignore_errors=True)
+    if run.returncode == -signal.SIGKILL:
+        print(f"[bench] the pipeline did not stop within 60 s of SIGTERM; its log, with the stack of every "
+              f"thread at that moment, is kept: {work / 'pipeline.log'}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -391,12 +401,15 @@ def _throughput(es: Elasticsearch, index: str, released: float) -> dict:
 
 
 def _stop(run: subprocess.Popen) -> None:
-    """SIGINT (a user's Ctrl-C) to the pipeline's process group; SIGKILL if it hangs."""
+    """SIGTERM (`kill PID`: a background job ignores Ctrl-C) to the pipeline; SIGKILL to its
+    process group if it hangs."""
     if run.poll() is None:
-        os.killpg(run.pid, signal.SIGINT)
+        os.kill(run.pid, signal.SIGTERM)
         try:
             run.wait(60)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # have it print every thread's stack into its log first
+            os.kill(run.pid, signal.SIGUSR1)
+            time.sleep(2)
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
     try:  # worker processes left behind
@@ -420,6 +433,8 @@ def main() -> int:
     parser.add_argument("--alert-share", type=float, default=0.1,
                         help="share of the backlog articles the alert rule matches "
                              "(all probes match; 1: every article)")
+    parser.add_argument("--warmup-articles", type=int, default=100,
+                        help="articles of an unreported first run that warms Elasticsearch up (0: none)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--es-url", default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -429,50 +444,73 @@ def main() -> int:
         parser.error(f"corpus {args.corpus} not found")
     if not 0 <= args.latency_items < args.articles:
         parser.error("--latency-items must be below --articles")
+    if not 0 <= args.warmup_articles < args.articles:
+        parser.error("--warmup-articles must be below --articles")
     if not 0 <= args.alert_share <= 1:
         parser.error("--alert-share must be between 0 and 1")
     records = mark_watched(load_corpus(args.corpus, args.articles), args.alert_share, args.latency_items)
-    print(f"[bench] bare spaCy over {len(records) - args.latency_items} articles", file=sys.stderr)
-    bare = bare_spacy(records[:len(records) - args.latency_items])
+    bare = BareSpacy(records[:len(records) - args.latency_items])
+    modes = [value.strip() for value in args.processes.split(",")]
     es_dir, es_pid = None, None
     es_url = args.es_url
     if not es_url:
         es_dir = Path(tempfile.mkdtemp(prefix="newsbeam-bench-es-"))
         es_url = local_es.start(es_dir, port=local_es.free_port(), heap="1g").url
         es_pid = local_es.running_pid(es_dir)
+    runs, brackets = [], []
     try:
-        runs = [run_pipeline(args, es_url, es_pid, records, value.strip()) for value in args.processes.split(",")]
+        if args.warmup_articles:
+            # Not reported: the first run after Elasticsearch starts pays for its JIT compiling
+            # (17-19 ms of its CPU an article instead of 5-8), whichever mode comes first.
+            print(f"[bench] warm-up run ({args.warmup_articles} articles, not reported)", file=sys.stderr)
+            warmup_args = argparse.Namespace(**{**vars(args), "latency_items": 0})
+            run_pipeline(warmup_args, es_url, es_pid, records[:args.warmup_articles + 1], modes[0])
+        # This shared machine drifts (bare spaCy moved by +-10% within minutes): bare spaCy is
+        # measured before and after every run, and each run's ratio uses the mean of the two.
+        for mode in modes:
+            print("[bench] bare spaCy", file=sys.stderr)
+            brackets.append(bare.measure())
+            runs.append(run_pipeline(args, es_url, es_pid, records, mode))
+        print("[bench] bare spaCy", file=sys.stderr)
+        brackets.append(bare.measure())
     finally:
         if es_dir:
             local_es.stop(es_dir)
             shutil.rmtree(es_dir, ignore_errors=True)
-    # Shared machines drift (we saw bare spaCy vary by +-10% within an hour): bare spaCy is
-    # measured before and after the pipeline runs, and the ratios use the mean.
-    print("[bench] bare spaCy again", file=sys.stderr)
-    after = bare_spacy(records[:len(records) - args.latency_items])
-    bare = {"components": bare["components"], "tokens_per_s": round((bare["tokens_per_s"] + after["tokens_per_s"]) / 2),
-            **{key: round((bare[key] + after[key]) / 2, 2) for key in ("articles_per_s", "articles_per_s_all_cores")},
-            "articles_per_s_before_after": [bare["articles_per_s"], after["articles_per_s"]],
-            "articles_per_s_all_cores_before_after": [bare["articles_per_s_all_cores"],
-                                                      after["articles_per_s_all_cores"]]}
-    for run in runs:
-        run["ratio_to_bare_spacy"] = round(run["end_to_end_articles_per_s"] / bare["articles_per_s"], 3)
-        run["ratio_to_bare_spacy_all_cores"] = round(run["end_to_end_articles_per_s"]
-                                                     / bare["articles_per_s_all_cores"], 3)
-    report = {"corpus": str(args.corpus or "synthetic"), "cpus": os.cpu_count(), "bare_spacy": bare, "runs": runs}
+    for number, run in enumerate(runs):
+        around = brackets[number:number + 2]
+        one, all_cores = (statistics.mean(b[key] for b in around) for key in ("articles_per_s", "articles_per_s_all_cores"))
+        run["bare_articles_per_s_before_after"] = [b["articles_per_s"] for b in around]
+        run["ratio_to_bare_spacy"] = round(run["end_to_end_articles_per_s"] / one, 3)
+        run["ratio_to_bare_spacy_all_cores"] = round(run["end_to_end_articles_per_s"] / all_cores, 3)
+    report = {"corpus": str(args.corpus or "synthetic"), "cpus": os.cpu_count(),
+              "bare_spacy": {"components": ", ".join(bare.nlp.pipe_names), "measurements": brackets,
+                             **{key: round(statistics.mean(b[key] for b in brackets), 2)
+                                for key in ("articles_per_s", "tokens_per_s", "articles_per_s_all_cores")}},
+              "runs": runs, "summary": summary(runs)}
     _print(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0 if all(run["indexed"] >= run["articles"] for run in runs) else 1
 
 
+def summary(runs: list[dict]) -> dict[str, dict]:
+    """Per spaCy-process setting: the median ratio to bare spaCy and the range over its runs."""
+    modes: dict[str, list[float]] = {}
+    for run in runs:
+        modes.setdefault(run["spacy_processes"], []).append(run["ratio_to_bare_spacy"])
+    return {mode: {"runs": len(ratios), "median_ratio": round(statistics.median(ratios), 3),
+                   "min_ratio": min(ratios), "max_ratio": max(ratios)} for mode, ratios in modes.items()}
+
+
 def _print(report: dict) -> None:
     print(f"corpus {report['corpus']}, {report['cpus']} CPUs")
     bare = report["bare_spacy"]
-    print(f"bare spaCy nlp.pipe ({bare['components']}): {bare['articles_per_s']} articles/s "
-          f"(before/after the pipeline runs: {bare['articles_per_s_before_after']}), {bare['tokens_per_s']} tokens/s; "
-          f"{report['cpus']} processes: {bare['articles_per_s_all_cores']} articles/s "
-          f"({bare['articles_per_s_all_cores_before_after']})")
+    print(f"bare spaCy nlp.pipe ({bare['components']}): {bare['articles_per_s']} articles/s, "
+          f"{bare['tokens_per_s']} tokens/s; {report['cpus']} processes: {bare['articles_per_s_all_cores']} articles/s "
+          f"(mean of {len(bare['measurements'])}, one before and after each run: "
+          f"{[b['articles_per_s'] for b in bare['measurements']]} / "
+          f"{[b['articles_per_s_all_cores'] for b in bare['measurements']]})")
     for run in report["runs"]:
         print(f"\n== pipeline, spaCy processes: {run['spacy_processes']}")
         for key, value in run.items():
@@ -481,6 +519,10 @@ def _print(report: dict) -> None:
         print("  time per stage (s total / ms per element):")
         for name, seconds in run["stage_seconds"].items():
             print(f"    {name:24s} {seconds:10.2f} {run['stage_ms_per_article'][name]:10.2f}")
+    print("\n== ratio to bare spaCy (one process) per setting: median [min, max]")
+    for mode, figures in report["summary"].items():
+        print(f"  spaCy processes {mode}: {figures['median_ratio']} [{figures['min_ratio']}, {figures['max_ratio']}] "
+              f"over {figures['runs']} run(s)")
 
 
 if __name__ == "__main__":

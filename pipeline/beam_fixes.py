@@ -22,3 +22,25 @@ def bound_fnapi_metrics() -> None:
 
     consolidate.newsbeam_bounded = True  # type: ignore[attr-defined]
     fn_runner.consolidate_monitoring_infos = consolidate
+
+
+def cheap_state_weights() -> None:
+    """The SDK worker's state cache weighs every value it loads or stores (`get_deep_size`,
+    objsize), and objsize starts each weighing by collecting the globals dict of every loaded
+    module, ~0.3 ms here with Beam, spaCy and the Elasticsearch client loaded, for every read and
+    write of every key: each article's dedupe flag paid it two or three times. Beam's filter
+    already skips modules, types and functions, so a state value never reaches a module's globals
+    and weighing without collecting them gives the same weights. Idempotent."""
+    from apache_beam.runners.worker import statecache
+    from objsize.traverse import ObjSizeSettings
+
+    if getattr(statecache.get_deep_size, "newsbeam_cheap", False):
+        return
+    settings = ObjSizeSettings(get_referents_func=statecache._get_referents_func, filter_func=statecache._filter_func,
+                               get_size_func=statecache._size_func, exclude_modules_globals=False)
+
+    def get_deep_size(*objs: Any) -> int:
+        return settings.get_deep_size(*objs)
+
+    get_deep_size.newsbeam_cheap = True  # type: ignore[attr-defined]
+    statecache.get_deep_size = get_deep_size

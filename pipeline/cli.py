@@ -104,7 +104,7 @@ def cmd_run(argv: list[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    from pipeline.beam_fixes import bound_fnapi_metrics
+    from pipeline.beam_fixes import bound_fnapi_metrics, cheap_state_weights
     from pipeline.build import build_pipeline
     from pipeline.options import NewsbeamOptions
     from transforms.elastic import connect, ensure_indices
@@ -128,6 +128,7 @@ def cmd_run(argv: list[str]) -> int:
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")
     if _is_local(runner):
         bound_fnapi_metrics()
+        cheap_state_weights()
     pipeline = beam.Pipeline(options=beam_options)
     build_pipeline(pipeline, settings, taxonomy, options.duration, options.fetch_shards)
     stop = threading.Event()

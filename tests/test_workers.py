@@ -104,3 +104,23 @@ def test_the_fnapi_runner_merges_metrics_into_lists_not_a_chain_of_generators():
         merged = fn_runner.consolidate_monitoring_infos([counter, *merged])
     assert isinstance(merged, list) and len(merged) == 1
     assert monitoring_infos.extract_counter_value(merged[0]) == sum(range(1000))
+
+
+def test_state_values_weigh_the_same_without_collecting_module_globals_each_time():
+    """pipeline/beam_fixes.py: the state cache's weights (what bounds its memory) must not change."""
+    import objsize
+    from apache_beam.runners.worker import statecache
+
+    from pipeline.beam_fixes import cheap_state_weights
+
+    articles = list(fixture_articles().values())
+    values = [True, None, ("feed", 1.5, None), b"\x00" * 300, articles[0],
+              [dict(article, entities=[{"text": "Vladimir Putin", "label": "PERSON"}]) for article in articles]]
+    before = [objsize.get_deep_size(value, get_size_func=statecache._size_func,  # Beam's own weighing
+                                    get_referents_func=statecache._get_referents_func,
+                                    filter_func=statecache._filter_func) for value in values]
+    cheap_state_weights()
+    cheap_state_weights()  # idempotent
+    assert getattr(statecache.get_deep_size, "newsbeam_cheap", False)
+    assert [statecache.get_deep_size(value) for value in values] == before
+    assert before[-1] > before[-2] > before[0] > 0  # real weights, not a constant
