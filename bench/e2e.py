@@ -17,7 +17,8 @@ spaCy worker processes, 0 = spaCy in the pipeline process, i.e. one process like
 3. time per stage (transforms/timing.py), peak RSS of the pipeline process and of it plus its
    worker processes (sampled every 0.5 s from /proc), the runner actually used, and CPU per
    article of the pipeline process, its workers, Elasticsearch and this script during phase 1.
-Before the first run, an unreported run of `--warmup-articles` warms Elasticsearch up.
+Before the first run, an unreported run of `--warmup-articles` (spaCy in one worker process per
+core) warms Elasticsearch up.
 Bare spaCy: `nlp.pipe` in this process over the same texts, same model and components, and the
 same in one forked process per core; measured before and after every pipeline run (shared
 machines drift), and each run's ratios use the mean of its two.
@@ -433,7 +434,7 @@ def main() -> int:
     parser.add_argument("--alert-share", type=float, default=0.1,
                         help="share of the backlog articles the alert rule matches "
                              "(all probes match; 1: every article)")
-    parser.add_argument("--warmup-articles", type=int, default=100,
+    parser.add_argument("--warmup-articles", type=int, default=400,
                         help="articles of an unreported first run that warms Elasticsearch up (0: none)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--es-url", default=None)
@@ -460,11 +461,11 @@ def main() -> int:
     runs, brackets = [], []
     try:
         if args.warmup_articles:
-            # Not reported: the first run after Elasticsearch starts pays for its JIT compiling
-            # (17-19 ms of its CPU an article instead of 5-8), whichever mode comes first.
+            # Not reported: the first runs after Elasticsearch starts pay for its JIT compiling
+            # (17-19 ms of its CPU an article instead of 5-8; 100 articles were not enough).
             print(f"[bench] warm-up run ({args.warmup_articles} articles, not reported)", file=sys.stderr)
             warmup_args = argparse.Namespace(**{**vars(args), "latency_items": 0})
-            run_pipeline(warmup_args, es_url, es_pid, records[:args.warmup_articles + 1], modes[0])
+            run_pipeline(warmup_args, es_url, es_pid, records[:args.warmup_articles + 1], "auto")
         # This shared machine drifts (bare spaCy moved by +-10% within minutes): bare spaCy is
         # measured before and after every run, and each run's ratio uses the mean of the two.
         for mode in modes:
