@@ -27,7 +27,7 @@ def bound_fnapi_metrics() -> None:
 def cheap_state_weights() -> None:
     """The SDK worker's state cache weighs every value it loads or stores (`get_deep_size`,
     objsize), and objsize starts each weighing by collecting the globals dict of every loaded
-    module, ~0.3 ms here with Beam, spaCy and the Elasticsearch client loaded, for every read and
+    module, ~0.8 ms here with Beam, spaCy and the Elasticsearch client loaded, for every read and
     write of every key: each article's dedupe flag paid it two or three times. Beam's filter
     already skips modules, types and functions, so a state value never reaches a module's globals
     and weighing without collecting them gives the same weights. Idempotent."""
