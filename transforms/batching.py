@@ -69,6 +69,11 @@ class PooledBatchingDoFn(BatchingDoFn):
     (`collect`), at most `max_in_flight` at a time; `finish_bundle` waits for the rest."""
 
     max_in_flight = 4
+    # The runner waits for the slowest worker at the end of a bundle, and every worker idles
+    # meanwhile. With a `tail_batch_size`, batches that no worker has started yet are taken back
+    # then and handed out again, with the rest of the buffer, in batches of this size, so the
+    # workers finish close together. 0: the end of a bundle is flushed like any other batch.
+    tail_batch_size = 0
 
     def start_bundle(self) -> None:
         super().start_bundle()
@@ -81,8 +86,18 @@ class PooledBatchingDoFn(BatchingDoFn):
         yield from self._drain(keep=self.max_in_flight - 1)
 
     def finish_bundle(self) -> Iterator:
+        if self.tail_batch_size:
+            self._recut_tail()
         yield from self._flush()
         yield from self._drain(keep=0)
+
+    def _recut_tail(self) -> None:
+        rest = self._take()
+        while self._in_flight and self._in_flight[-1][1].cancel():  # not started: still queued
+            rest = self._in_flight.pop()[0] + rest
+        for start in range(0, len(rest), self.tail_batch_size):
+            batch = rest[start:start + self.tail_batch_size]
+            self._in_flight.append((batch, self.submit_batch([element for element, _, _ in batch])))
 
     def _drain(self, keep: int) -> Iterator:
         """Emits finished batches from the front; waits while more than `keep` are in flight."""
