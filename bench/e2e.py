@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from elasticsearch import Elasticsearch, NotFoundError  # noqa: E402
+from elasticsearch import ApiError, Elasticsearch, NotFoundError  # noqa: E402
 
 from bench.synthetic import corpus as synthetic_corpus  # noqa: E402
 from pipeline import local_es  # noqa: E402
@@ -381,6 +381,10 @@ def _wait_for_count(es: Elasticsearch, index: str, count: int, run: subprocess.P
             seen = es.count(index=index)["count"]
         except NotFoundError:
             seen = 0
+        except ApiError as err:  # 503 while a new index's shard starts: not searchable yet
+            if err.meta.status != 503:
+                raise
+            print(f"[bench] {index} not searchable yet ({err.message})", file=sys.stderr)
         if seen >= count:
             return seen
         if seen != last:
