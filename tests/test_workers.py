@@ -1,5 +1,7 @@
 """Worker processes for spaCy and feedparser (transforms/workers.py) and their use in the
 NER DoFn: same tags as in-process, and a worker that dies costs one dead letter, not a batch."""
+import threading
+
 import pytest
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
@@ -86,6 +88,30 @@ def test_an_article_that_kills_its_worker_is_a_dead_letter_and_the_batch_is_stil
     assert "BrokenProcessPool" in dead[0]["reason"]
     tagged = [v.value for v in values if isinstance(v.value, dict) and "entities" in v.value]
     assert sorted(a["article_id"] for a in tagged) == sorted(fixture_articles())
+
+
+def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead_letter(monkeypatch):
+    from transforms import entities
+
+    threads = set()
+
+    def tag_or_raise(nlp, articles, settings):
+        threads.add(threading.current_thread().name)
+        if any(article["article_id"] == "poison" for article in articles):
+            raise ValueError("cannot tag this")
+        return real_tag(nlp, articles, settings)
+
+    real_tag = entities.tag_entities
+    monkeypatch.setattr(entities, "tag_entities", tag_or_raise)
+    articles = _articles()
+    articles.insert(2, {**articles[0], "title": "poison", "article_id": "poison", "url": "poison"})
+    values, raw = _run(TagEntitiesFn(NlpSettings(processes=0, batch_size=8), shared.Shared()), articles)
+    dead = [o.value.value for o in raw if isinstance(o, TaggedOutput)]
+    assert [(d["stage"], d["article_id"], d["reason"], d["error"]) for d in dead] == [
+        ("entities", "poison", "ValueError", "cannot tag this")]
+    tagged = [v.value["article_id"] for v in values if isinstance(v.value, dict) and "entities" in v.value]
+    assert tagged == [a["article_id"] for a in articles if a["article_id"] != "poison"]  # order kept
+    assert threads and all(name.startswith("newsbeam-spacy") for name in threads)
 
 
 def test_the_fnapi_runner_merges_metrics_into_lists_not_a_chain_of_generators():

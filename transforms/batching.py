@@ -5,9 +5,9 @@ streaming fallback cannot run it), so batching happens inside the DoFn: elements
 buffered with their window and timestamp, handled at `batch_size`, and the rest is
 handled in `finish_bundle`.
 
-`PooledBatchingDoFn` hands batches to worker processes and keeps several in flight, so the
-pipeline thread goes on polling, cleaning and indexing while the workers compute; results
-leave in input order.
+`PooledBatchingDoFn` hands batches to worker processes (or a thread) and keeps several in
+flight, so the pipeline thread goes on polling, cleaning and indexing while they compute;
+results leave in input order.
 """
 from __future__ import annotations
 
@@ -121,9 +121,3 @@ def _emit(batch: _Batch, results: list[Iterable[Any]]) -> Iterator:
             else:
                 yield WindowedValue(output, timestamp, [window])
 
-
-def done(value: Any) -> concurrent.futures.Future:
-    """A finished future holding `value`: work done in-process looks like pooled work."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(value)
-    return future

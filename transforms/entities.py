@@ -28,7 +28,7 @@ from apache_beam.utils import shared
 
 from pipeline.config import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
 from transforms import timing
-from transforms.batching import PooledBatchingDoFn, done
+from transforms.batching import PooledBatchingDoFn
 from transforms.deadletter import DEAD, dead_letter
 from transforms.workers import WorkerPool
 
@@ -409,8 +409,10 @@ def _tag_in_worker(articles: list[dict[str, Any]], settings: NlpSettings) -> tup
 class TagEntitiesFn(PooledBatchingDoFn):
     """NER on batches; with `settings.processes` > 0 the batches go to that many worker
     processes (one model each) and up to three per worker are in flight, so the pipeline thread
-    keeps polling, cleaning and indexing meanwhile. A batch that fails is retried one article
-    at a time, so only the article that broke it (even by crashing its worker) is dead-lettered."""
+    keeps polling, cleaning and indexing meanwhile. With 0 they go to one thread of this process:
+    spaCy releases the GIL for most of its work, so the other stages still overlap with it. A
+    batch that fails is retried one article at a time, so only the article that broke it (even by
+    crashing its worker) is dead-lettered."""
 
     stage = "entities"
     worker = staticmethod(_tag_in_worker)  # what a worker process runs per batch
@@ -423,32 +425,29 @@ class TagEntitiesFn(PooledBatchingDoFn):
         processes = settings.processes if isinstance(settings.processes, int) else 0
         self._processes = processes
         # Small batches when pooled (8 of the default 64), three per worker in flight: every core
-        # stays busy, and at the end of a bundle no worker waits long for the last batch.
-        self.batch_size = max(1, settings.batch_size // 8) if processes else settings.batch_size
-        self.max_in_flight = 3 * processes if processes else 1
+        # stays busy, and at the end of a bundle no worker waits long for the last batch. In-process
+        # a quarter (16), one tagged while the next fills: a bundle of the local runner holds ~50
+        # articles, and one batch per bundle would leave nothing to overlap.
+        self.batch_size = max(1, settings.batch_size // (8 if processes else 4))
+        self.max_in_flight = 3 * processes if processes else 2
         # Two articles (~0.2 s of NER) per batch at a bundle's end: the workers end it together.
         self.tail_batch_size = min(2, self.batch_size) if processes else 0
         self._tagged = Metrics.counter("newsbeam", "articles_tagged")
 
     def setup(self) -> None:
-        self._pool = None
-        self._nlp = None
+        self._pool: WorkerPool | concurrent.futures.ThreadPoolExecutor | None = None
         if self._processes:
             self._pool = WorkerPool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
                                     name="spaCy")
         else:  # one model per process, shared by every DoFn instance (threads) in it
             self._nlp = self._model_handle.acquire(
                 lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="newsbeam-spacy")
 
     def _tag(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
-        if self._pool is not None:
+        if self._processes:
             return self._pool.submit(self.worker, articles, self._settings)
-        try:
-            return done(_timed_tag(self._nlp, articles, self._settings))
-        except Exception as err:
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            future.set_exception(err)
-            return future
+        return self._pool.submit(_timed_tag, self._nlp, articles, self._settings)
 
     def submit_batch(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
         return self._tag(articles)
