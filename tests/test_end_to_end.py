@@ -12,6 +12,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.feedserver import fixture_articles, rss
+from transforms import clock
 
 
 def write_config(tmp_path: Path, es_settings, poll_interval: float) -> Path:
@@ -90,7 +91,7 @@ def test_run_indexes_feed_items_once_and_picks_up_new_ones(tmp_path, es, es_sett
     late = docs[fixtures["late"]["title"]]
     assert "medical equipment aid" in late["topics"]
     # The item that appeared mid-run was searchable within one poll interval (+ processing).
-    indexed_at = time.mktime(time.strptime(late["indexed_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    indexed_at = clock.epoch(late["indexed_at"])
     assert indexed_at - added_at[0] <= 4 + 6
 
     dead = es.search(index=es_settings.deadletter_index)["hits"]["hits"]

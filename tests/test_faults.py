@@ -15,6 +15,7 @@ from tests.conftest import REPO
 from tests.faultproxy import FaultProxy
 from tests.feedserver import rss
 from tests.test_end_to_end import newsbeam, write_config
+from transforms import clock
 
 
 def items(start: int, count: int) -> list[dict]:
@@ -60,8 +61,7 @@ def test_elasticsearch_refusing_connections_for_60s_loses_and_doubles_nothing(tm
     assert es.count(index=es_settings.deadletter_index)["count"] == 0
     # The backlog from the outage drained within 2 minutes of recovery.
     backlog = [h for h in hits if h["_source"]["url"].rsplit("/", 1)[1] in {str(i) for i in range(5, 10)}]
-    last = max(time.mktime(time.strptime(h["_source"]["indexed_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-               for h in backlog)
+    last = max(clock.epoch(h["_source"]["indexed_at"]) for h in backlog)
     assert last - timeline["up"] <= 120
     print(f"\noutage 60s: 15 in, {len(urls)} indexed, 0 duplicates, backlog drained "
           f"{last - timeline['up']:.0f}s after recovery")

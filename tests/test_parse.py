@@ -1,7 +1,9 @@
+import dataclasses
 import time
 
 from pipeline.config import Feed
 from tests.feedserver import fixture_articles, rss
+from transforms import clock
 from transforms.fetch import FetchResult
 from transforms.parse import article_id, canonical_url, parse_feed
 
@@ -85,3 +87,12 @@ def test_parse_feed_never_fetches_what_it_is_given():
     # A body that is just a URL must be parsed as (bad) content, not fetched.
     articles, problem = parse_feed(result(b"http://127.0.0.1:9/never-fetched.xml"), max_items=10)
     assert articles == [] and problem
+
+
+def test_fetched_at_is_kept_to_the_millisecond():
+    fixture = fixture_articles()["ventilators"]
+    fetched = dataclasses.replace(result(rss([fixture])), fetched_at=1_800_000_000.25)
+    articles, _ = parse_feed(fetched, max_items=10)
+    assert articles[0]["fetched_at"] == "2027-01-15T08:00:00.250Z"
+    assert clock.epoch(articles[0]["fetched_at"]) == 1_800_000_000.25
+    assert clock.epoch("2027-01-15T08:00:00Z") == 1_800_000_000.0  # documents of earlier releases

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
-from transforms import timing
+from transforms import clock, timing
 
 DEAD = "dead"
 _MAX_PAYLOAD = 20_000
@@ -23,15 +22,11 @@ def dead_letter(stage: str, reason: str, error: str, *, feed_url: str = "", arti
         "feed_url": feed_url,
         "article_id": article_id,
         "url": url,
-        "failed_at": _now_iso(),
+        "failed_at": clock.iso(),
     }
     if payload is not None:
         record["payload"] = str(payload)[:_MAX_PAYLOAD]
     return record
-
-
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class SafeMapFn:

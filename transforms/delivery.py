@@ -33,7 +33,6 @@ import ssl
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from email.message import EmailMessage
 from typing import Any, Callable
 
@@ -41,6 +40,7 @@ import requests
 from elasticsearch import ApiError, ConflictError, Elasticsearch, NotFoundError, TransportError
 
 from pipeline.config import AlertSettings, ElasticsearchSettings, SmtpSettings
+from transforms.clock import epoch, iso
 from transforms.elastic import connect
 from transforms.rules import Target, parse_target
 
@@ -51,17 +51,6 @@ _DIGEST_LIMIT = 5000  # alerts listed in one digest message; more go out in the 
 
 class DeliveryError(Exception):
     """A target did not take the message; it will be retried."""
-
-
-# --- time --------------------------------------------------------------------------------
-
-def iso(ts: float) -> str:
-    """Epoch seconds -> ISO 8601 UTC with milliseconds (what the alert documents store)."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def epoch(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 # --- delivery records --------------------------------------------------------------------

@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 from elasticsearch import ApiError, Elasticsearch, TransportError
 
 from pipeline.config import ElasticsearchSettings
-from transforms import timing
+from transforms import clock, timing
 from transforms.batching import PooledBatchingDoFn
 from transforms.deadletter import DEAD, dead_letter
 
@@ -224,10 +224,6 @@ class BulkWriter:
         return outcomes  # type: ignore[return-value]
 
 
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _unchecked_client(settings: ElasticsearchSettings) -> Elasticsearch:
     return connect(settings, check=False)
 
@@ -272,7 +268,7 @@ class WriteFn(PooledBatchingDoFn):
         return sum(len(value) for value in doc.values() if isinstance(value, str)) + 512
 
     def submit_batch(self, docs: list[dict[str, Any]]) -> concurrent.futures.Future:
-        stamped = [{**doc, "indexed_at": _now_iso()} if self._op == "create" else doc for doc in docs]
+        stamped = [{**doc, "indexed_at": clock.iso()} if self._op == "create" else doc for doc in docs]
         return self._sender.submit(self._write, stamped)
 
     def _write(self, docs: list[dict[str, Any]]) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ import apache_beam as beam
 import feedparser
 from apache_beam.metrics import Metrics
 
+from transforms import clock
 from transforms.deadletter import DEAD, dead_letter
 from transforms.fetch import FetchResult
 
@@ -163,7 +164,7 @@ def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_00
     publisher = result.feed.publisher or feed_meta.get("title", "") or urlsplit(result.final_url).hostname or ""
     source = urlsplit(result.feed.url).hostname or ""
     language = (feed_meta.get("language") or "").split("-")[0].lower() or None
-    fetched_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.fetched_at))
+    fetched_at = clock.iso(result.fetched_at)
     cap = max_entry_chars
     articles = []
     for entry in parsed.entries[:max_items]:
