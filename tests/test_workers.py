@@ -1,6 +1,8 @@
 """Worker processes for spaCy and feedparser (transforms/workers.py) and their use in the
 NER DoFn: same tags as in-process, and a worker that dies costs one dead letter, not a batch."""
+import sys
 import threading
+import time
 
 import pytest
 from apache_beam.pvalue import TaggedOutput
@@ -12,6 +14,7 @@ from pipeline.config import ConfigError, NlpSettings, for_runner, load_settings
 from tests import workerjobs
 from tests.feedserver import fixture_articles
 from transforms.clean import clean_article
+from transforms import timing
 from transforms.entities import TagEntitiesFn
 from transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
 
@@ -93,10 +96,11 @@ def test_an_article_that_kills_its_worker_is_a_dead_letter_and_the_batch_is_stil
 def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead_letter(monkeypatch):
     from transforms import entities
 
-    threads = set()
+    threads, intervals = set(), set()
 
     def tag_or_raise(nlp, articles, settings):
         threads.add(threading.current_thread().name)
+        intervals.add(sys.getswitchinterval())
         if any(article["article_id"] == "poison" for article in articles):
             raise ValueError("cannot tag this")
         return real_tag(nlp, articles, settings)
@@ -105,7 +109,17 @@ def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead
     monkeypatch.setattr(entities, "tag_entities", tag_or_raise)
     articles = _articles()
     articles.insert(2, {**articles[0], "title": "poison", "article_id": "poison", "url": "poison"})
+    before, interval = timing.snapshot(), sys.getswitchinterval()
     values, raw = _run(TagEntitiesFn(NlpSettings(processes=0, batch_size=8), shared.Shared()), articles)
+    # while spaCy's thread runs it gets the GIL back sooner than the default 5 ms allow; not after
+    assert intervals == {entities.GIL_SWITCH_INTERVAL} and entities.GIL_SWITCH_INTERVAL < interval
+    assert sys.getswitchinterval() == interval
+    spent = {name: {key: value[key] - before.get(name, {}).get(key, 0) for key in value}
+             for name, value in timing.snapshot().items() if name.startswith("entities")}
+    # wall time, the spaCy thread's CPU time and its run-queue wait, for every tagged article
+    assert {name: value["elements"] for name, value in spent.items()} == {
+        "entities": len(articles) - 1, "entities_cpu": len(articles) - 1, "entities_run_queue": len(articles) - 1}
+    assert 0 < spent["entities_cpu"]["seconds"] <= spent["entities"]["seconds"] * 1.05 + 0.01
     dead = [o.value.value for o in raw if isinstance(o, TaggedOutput)]
     assert [(d["stage"], d["article_id"], d["reason"], d["error"]) for d in dead] == [
         ("entities", "poison", "ValueError", "cannot tag this")]
@@ -150,3 +164,19 @@ def test_state_values_weigh_the_same_without_collecting_module_globals_each_time
     assert getattr(statecache.get_deep_size, "newsbeam_cheap", False)
     assert [statecache.get_deep_size(value) for value in values] == before
     assert before[-1] > before[-2] > before[0] > 0  # real weights, not a constant
+
+
+@pytest.mark.parametrize("schedstat", [True, False], ids=["schedstat", "thread_time"])
+def test_the_thread_clock_counts_cpu_time_not_sleep(monkeypatch, schedstat):
+    if not schedstat:  # other systems: no /proc/thread-self
+        def no_proc(*_, **__):
+            raise OSError("no /proc")
+        monkeypatch.setattr(timing, "open", no_proc, raising=False)
+    cpu = timing.thread_clock()[0]
+    time.sleep(0.3)
+    slept = timing.thread_clock()[0] - cpu
+    cpu, ends = timing.thread_clock()[0], time.perf_counter() + 0.3
+    while time.perf_counter() < ends:
+        pass
+    busy = timing.thread_clock()[0] - cpu
+    assert slept < 0.05 < 0.15 < busy < 0.35

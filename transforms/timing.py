@@ -56,6 +56,17 @@ def stage(name: str, elements: int = 1) -> Iterator[None]:
         record(name, elements, now() - started)
 
 
+def thread_clock() -> tuple[float, float]:
+    """Seconds the calling thread has run on a core and, on Linux, waited in the run queue for
+    one. Wall time minus both is time it was blocked: for spaCy on a thread, waiting for the GIL."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as handle:
+            running, queued, _ = handle.read().split()
+        return int(running) / 1e9, int(queued) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time(), 0.0
+
+
 def snapshot() -> dict[str, dict[str, float]]:
     with _lock:
         return {name: {"seconds": round(seconds, 3), "elements": int(count)}
