@@ -128,6 +128,21 @@ def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead
     assert threads and all(name.startswith("newsbeam-spacy") for name in threads)
 
 
+def test_the_switch_interval_comes_back_when_the_last_in_process_tagger_is_torn_down():
+    from transforms import entities
+
+    interval, model = sys.getswitchinterval(), shared.Shared()
+    first, second = (TagEntitiesFn(NlpSettings(processes=0), model) for _ in range(2))
+    first.setup()
+    second.setup()
+    try:
+        first.teardown()
+        assert sys.getswitchinterval() == entities.GIL_SWITCH_INTERVAL  # the second still tags
+    finally:
+        second.teardown()
+    assert sys.getswitchinterval() == interval
+
+
 def test_the_fnapi_runner_merges_metrics_into_lists_not_a_chain_of_generators():
     """Beam's FnApiRunner keeps `consolidate(chain(new, previous))` per stage; a generator there
     holds every earlier bundle for the rest of a streaming run (pipeline/beam_fixes.py)."""

@@ -18,6 +18,7 @@ import importlib
 import logging
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -414,6 +415,32 @@ def _tag_in_worker(articles: list[dict[str, Any]], settings: NlpSettings) -> tup
     return _timed_tag(_worker_nlp, articles, settings)
 
 
+class _SwitchInterval:
+    """The process-wide GIL switch interval: lowered while any in-process NER thread exists (one
+    per DoFn instance, several on a distributed runner's worker), restored after the last."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = sys.getswitchinterval()
+
+    def lower(self) -> None:
+        with self._lock:
+            if not self._users:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, GIL_SWITCH_INTERVAL))
+            self._users += 1
+
+    def restore(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if not self._users:
+                sys.setswitchinterval(self._saved)
+
+
+_switch_interval = _SwitchInterval()
+
+
 class TagEntitiesFn(PooledBatchingDoFn):
     """NER on batches; with `settings.processes` > 0 the batches go to that many worker
     processes (one model each) and up to three per worker are in flight, so the pipeline thread
@@ -454,8 +481,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
             # spaCy takes the GIL back after each stretch of work that released it; while the
             # pipeline thread holds it, the wait lasts up to the interpreter's switch interval.
             # At the default 5 ms spaCy's thread waited 3.3-3.8% of its time, at 0.5 ms 1.4-2.0%.
-            self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_INTERVAL))
+            _switch_interval.lower()
 
     def _tag(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
         if self._processes:
@@ -496,7 +522,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
         if self._pool is not None:
             self._pool.shutdown()
         if not self._processes:
-            sys.setswitchinterval(self._switch_interval)
+            _switch_interval.restore()
 
 
 class _ModelBox:
