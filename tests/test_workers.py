@@ -13,8 +13,8 @@ from apache_beam.utils.timestamp import Timestamp
 from pipeline.config import ConfigError, NlpSettings, for_runner, load_settings
 from tests import workerjobs
 from tests.feedserver import fixture_articles
-from transforms.clean import clean_article
 from transforms import timing
+from transforms.clean import clean_article
 from transforms.entities import TagEntitiesFn
 from transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
 
@@ -132,10 +132,15 @@ def test_the_switch_interval_comes_back_when_the_last_in_process_tagger_is_torn_
     from transforms import entities
 
     interval, model = sys.getswitchinterval(), shared.Shared()
+    broken = TagEntitiesFn(NlpSettings(processes=0, model="no_such_model"), shared.Shared())
+    with pytest.raises(RuntimeError, match="no_such_model"):
+        broken.setup()
+    broken.teardown()  # Beam tears down after a failed setup too: that must not count as a tagger
     first, second = (TagEntitiesFn(NlpSettings(processes=0), model) for _ in range(2))
     first.setup()
     second.setup()
     try:
+        first.teardown()
         first.teardown()
         assert sys.getswitchinterval() == entities.GIL_SWITCH_INTERVAL  # the second still tags
     finally:

@@ -471,6 +471,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
 
     def setup(self) -> None:
         self._pool: WorkerPool | concurrent.futures.ThreadPoolExecutor | None = None
+        self._lowered = False  # teardown also follows a setup that failed, and may come twice
         if self._processes:
             self._pool = WorkerPool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
                                     name="spaCy")
@@ -482,6 +483,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
             # pipeline thread holds it, the wait lasts up to the interpreter's switch interval.
             # At the default 5 ms spaCy's thread waited 3.3-3.8% of its time, at 0.5 ms 1.4-2.0%.
             _switch_interval.lower()
+            self._lowered = True
 
     def _tag(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
         if self._processes:
@@ -521,8 +523,9 @@ class TagEntitiesFn(PooledBatchingDoFn):
     def teardown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-        if not self._processes:
+        if self._lowered:
             _switch_interval.restore()
+            self._lowered = False
 
 
 class _ModelBox:
