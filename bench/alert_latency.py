@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from pipeline import local_es  # noqa: E402
+from newsbeam.pipeline import local_es  # noqa: E402
 from tests.feedserver import FeedServer, fixture_articles, rss  # noqa: E402
 from tests.receivers import WebhookReceiver  # noqa: E402
 
@@ -99,7 +99,7 @@ def main() -> int:
         es_dir = Path(tempfile.mkdtemp(prefix="newsbeam-bench-es-"))  # its own: the server runs as another user
         es_url = local_es.start(es_dir, port=local_es.free_port()).url
     config = write_config(workdir, es_url, args.poll_interval)
-    newsbeam = [sys.executable, "-m", "pipeline.cli"]
+    newsbeam = [sys.executable, "-m", "newsbeam.pipeline.cli"]
     visible: dict[str, float] = {}
     run = None
     try:

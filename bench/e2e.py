@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from elasticsearch import ApiError, Elasticsearch, NotFoundError  # noqa: E402
 
 from bench.synthetic import corpus as synthetic_corpus  # noqa: E402
-from pipeline import local_es  # noqa: E402
+from newsbeam.pipeline import local_es  # noqa: E402
 from tests.feedserver import FeedServer  # noqa: E402
 
 
@@ -97,11 +97,11 @@ def feed_xml(items: list[str]) -> bytes:
 def model_texts(records: list[dict], settings) -> list[str]:
     """What the pipeline's model reads: the served items parsed by feedparser, cleaned and
     true-cased as in the pipeline (transforms/parse.py, clean.py, entities.py)."""
-    from pipeline.config import Feed
-    from transforms.clean import clean_article
-    from transforms.entities import nlp_text, truecase_headlines
-    from transforms.fetch import FetchResult
-    from transforms.parse import parse_feed
+    from newsbeam.pipeline.config import Feed
+    from newsbeam.transforms.clean import clean_article
+    from newsbeam.transforms.entities import nlp_text, truecase_headlines
+    from newsbeam.transforms.fetch import FetchResult
+    from newsbeam.transforms.parse import parse_feed
     url = "http://127.0.0.1/bench.xml"
     served = FetchResult(Feed(url=url), url, 200, {"content-type": "application/rss+xml"},
                          feed_xml([item_xml(r) for r in records]), time.time(), 0.0)
@@ -115,8 +115,8 @@ class BareSpacy:
     """nlp.pipe alone: same model, components and texts as the pipeline; the model is loaded once."""
 
     def __init__(self, records: list[dict]):
-        from pipeline.config import NlpSettings
-        from transforms.entities import load_model
+        from newsbeam.pipeline.config import NlpSettings
+        from newsbeam.transforms.entities import load_model
         self.settings = NlpSettings()
         self.nlp = load_model(self.settings.model)
         self.texts = model_texts(records, self.settings)
@@ -289,7 +289,7 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
         f"  scheduler_interval: {min(args.poll_interval, 5)}\n")
     es = Elasticsearch(es_url, request_timeout=60)
     env = {**os.environ, "NEWSBEAM_STAGE_TIMES": str(work / "stages.json")}
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "newsbeam.pipeline.cli"]
     subprocess.run([*cli, "alerts", "add", "bench", "--query", WATCH_WORD, "--config", str(config)],
                    cwd=REPO, env=env, check=True, capture_output=True)
     per_feed: list[list[str]] = [[] for _ in range(args.feeds)]

@@ -24,8 +24,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="best of N passes")
     args = parser.parse_args()
     sys.path.insert(0, args.repo)
-    from pipeline.config import load_settings
-    from transforms.tagging import Tagger
+    from newsbeam.pipeline.config import load_settings
+    from newsbeam.transforms.tagging import Tagger
 
     records = []
     with open(args.corpus, encoding="utf-8") as handle:

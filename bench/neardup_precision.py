@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import DedupeSettings  # noqa: E402
-from transforms.neardup import StoryIndex, link_stories  # noqa: E402
+from newsbeam.pipeline.config import DedupeSettings  # noqa: E402
+from newsbeam.transforms.neardup import StoryIndex, link_stories  # noqa: E402
 
 
 def main() -> int:

@@ -147,11 +147,11 @@ def main() -> int:
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
     from elasticsearch import Elasticsearch
 
-    from pipeline import local_es
-    from pipeline.config import ElasticsearchSettings, Feed, FetchSettings
-    from transforms.deadletter import DEAD
-    from transforms.elastic import WriteDeadLetters, WriteFeedHealth, connect, ensure_indices
-    from transforms.poll import PollFeeds
+    from newsbeam.pipeline import local_es
+    from newsbeam.pipeline.config import ElasticsearchSettings, Feed, FetchSettings
+    from newsbeam.transforms.deadletter import DEAD
+    from newsbeam.transforms.elastic import WriteDeadLetters, WriteFeedHealth, connect, ensure_indices
+    from newsbeam.transforms.poll import PollFeeds
 
     es_dir = None
     es_url = args.es_url

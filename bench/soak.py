@@ -36,7 +36,7 @@ from elasticsearch import Elasticsearch  # noqa: E402
 
 from bench.e2e import RssSampler, _stop, percentile  # noqa: E402
 from bench.poll_lag import HOSTS, MISBEHAVING, free_port, serve  # noqa: E402
-from pipeline import local_es  # noqa: E402
+from newsbeam.pipeline import local_es  # noqa: E402
 
 
 def feed_urls(port: int, real: int, total: int) -> list[str]:
@@ -92,7 +92,7 @@ def main() -> int:
         f"fetch:\n  allow_private_addresses: true\n  per_host_delay: {args.per_host_delay}\n"
         "  total_timeout: 10\n  unchanged_backoff_max: 1\n")
     env = {**os.environ, "NEWSBEAM_STAGE_TIMES": str(work / "stages.json")}
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "newsbeam.pipeline.cli"]
     subprocess.run([*cli, "alerts", "add", "aid", "--query", '"medical equipment" OR ventilator',
                     "--config", str(config)], cwd=REPO, env=env, check=True, capture_output=True)
     duration = args.minutes * 60

@@ -12,7 +12,7 @@ import argparse
 import json
 import random
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 PEOPLE = ["Maria Okafor", "James Whitfield", "Chen Lihua", "Ana Beatriz Souza", "Rahul Mehta", "Ingrid Halvorsen",
           "Tomasz Nowak", "Fatima Al-Sayed", "David Klein", "Yuki Tanaka", "Olusegun Adeyemi", "Claire Dubois",

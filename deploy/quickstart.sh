@@ -5,8 +5,8 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 install_newsbeam ""
 if [ -z "${ELASTICSEARCH_URL:-}" ]; then
-  ELASTICSEARCH_URL="$(.venv/bin/python -m pipeline.local_es start)"
+  ELASTICSEARCH_URL="$(.venv/bin/python -m newsbeam.pipeline.local_es start)"
   export ELASTICSEARCH_URL
-  echo "[newsbeam] local Elasticsearch at $ELASTICSEARCH_URL (stop it with: .venv/bin/python -m pipeline.local_es stop)" >&2
+  echo "[newsbeam] local Elasticsearch at $ELASTICSEARCH_URL (stop it with: .venv/bin/python -m newsbeam.pipeline.local_es stop)" >&2
 fi
 exec .venv/bin/newsbeam run "$@"

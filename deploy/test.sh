@@ -4,5 +4,8 @@
 # the external suite (tests/external) runs when ../shared is present.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 install_newsbeam "[test]"
-.venv/bin/python -m pipeline.local_es fetch >/dev/null
+.venv/bin/python -m newsbeam.pipeline.local_es fetch >/dev/null
+echo "[newsbeam] ruff check and import contracts" >&2
+.venv/bin/ruff check .
+.venv/bin/lint-imports >/dev/null || .venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

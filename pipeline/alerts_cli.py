@@ -17,21 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import settings_from_args
-from pipeline.config import ConfigError, Settings, load_yaml
-from transforms.rules import Rule, RuleError, format_duration, parse_duration
+from newsbeam.pipeline.config import ConfigError, Settings, load_yaml, settings_from_args
+from newsbeam.transforms.rules import Rule, RuleError, format_duration, parse_duration
 
 
 def _client(settings: Settings):
-    from transforms.alerts import ensure_alert_indices
-    from transforms.elastic import connect
+    from newsbeam.transforms.alerts import ensure_alert_indices
+    from newsbeam.transforms.elastic import connect
     client = connect(settings.elasticsearch)
     ensure_alert_indices(client, settings.alerts)
     return client
 
 
 def _now() -> str:
-    from transforms.delivery import iso
+    from newsbeam.transforms.delivery import iso
     return iso(time.time())
 
 
@@ -74,7 +73,7 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from transforms.alerts import read_rules
+    from newsbeam.transforms.alerts import read_rules
     rules = read_rules(_client(settings), settings.alerts.rules_index, enabled_only=False)
     for rule in rules:
         digest = f" digest {format_duration(rule.digest_seconds)}" if rule.digest_seconds else ""
@@ -148,8 +147,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _compile(rule: Rule, settings: Settings):
-    from transforms.entities import load_model
-    from transforms.rules import compile_rule, spacy_lemmatizer
+    from newsbeam.transforms.entities import load_model
+    from newsbeam.transforms.rules import compile_rule, spacy_lemmatizer
     return compile_rule(rule, spacy_lemmatizer(load_model(settings.nlp.model)))
 
 
@@ -157,7 +156,7 @@ def backfill_query(rule_query: dict[str, Any], since: str | None) -> dict[str, A
     """The rule's query, limited to articles published (or, undated, indexed) since `since`."""
     if not since:
         return rule_query
-    from transforms.search import since_expression
+    from newsbeam.transforms.search import since_expression
     start = since_expression(since)
     recent = {"bool": {"should": [
         {"range": {"published_at": {"gte": start}}},

@@ -1,7 +1,8 @@
 """Work-arounds for Beam's local FnApiRunner (checked on Beam 2.77)."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def bound_fnapi_metrics() -> None:

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from pipeline.config import Settings
-from transforms.alerts import STORE_DEAD, MatchAlerts
-from transforms.clean import CleanText
-from transforms.deadletter import DEAD
-from transforms.dedupe import DedupeArticles
-from transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth
-from transforms.entities import TagEntities
-from transforms.fulltext import FetchFullText
-from transforms.language import DetectLanguage, model_languages
-from transforms.neardup import LinkStories
-from transforms.poll import PollFeeds
-from transforms.topics import Taxonomy, TagTopics
+from newsbeam.pipeline.config import Settings
+from newsbeam.transforms.alerts import STORE_DEAD, MatchAlerts
+from newsbeam.transforms.clean import CleanText
+from newsbeam.transforms.deadletter import DEAD
+from newsbeam.transforms.dedupe import DedupeArticles
+from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth
+from newsbeam.transforms.entities import TagEntities
+from newsbeam.transforms.fulltext import FetchFullText
+from newsbeam.transforms.language import DetectLanguage, model_languages
+from newsbeam.transforms.neardup import LinkStories
+from newsbeam.transforms.poll import PollFeeds
+from newsbeam.transforms.topics import TagTopics, Taxonomy
 
 
 def enrich(articles, settings: Settings, taxonomy: Taxonomy):

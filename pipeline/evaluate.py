@@ -28,10 +28,11 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from pipeline.config import ConfigError
+from newsbeam.pipeline.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"
@@ -176,7 +177,7 @@ def evaluate_topics(tagger, examples: list[Example], topics: Iterable[str], miss
     """Per-topic precision/recall/F1, what was tagged instead of each missed topic, and the
     worst misses: the false positives that scored highest and the false negatives that scored
     lowest, each with its evidence."""
-    from transforms.topics import score_article
+    from newsbeam.transforms.topics import score_article
 
     topics = list(topics)
     known = {t.name for t in tagger.taxonomy.topics}
@@ -356,7 +357,7 @@ def _token_index(doc: ConllDoc, seen: str) -> tuple[dict[int, int], dict[int, in
 
 
 def evaluate_entities(tagger, docs: list[ConllDoc], misses: int = 15) -> dict[str, Any]:
-    from transforms.entities import nlp_text
+    from newsbeam.transforms.entities import nlp_text
 
     examples = [Example(str(n), "", doc.text, frozenset()) for n, doc in enumerate(docs)]
     counts = {label: Counts() for label in ("PER", "ORG", "LOC")}
@@ -369,7 +370,7 @@ def evaluate_entities(tagger, docs: list[ConllDoc], misses: int = 15) -> dict[st
         gold = set(doc.spans)
         if index is None:  # cleaning changed the tokens: every gold span counts as missed
             unaligned += 1
-            for start, end, label in gold:
+            for _start, _end, label in gold:
                 counts[label].fn += 1
             continue
         starts, ends = index
@@ -444,8 +445,8 @@ def format_entities(report: dict[str, Any]) -> str:
 
 def main(args) -> int:
     """Entry point of `newsbeam eval` (arguments parsed in pipeline/cli.py)."""
-    from pipeline.config import load_settings
-    from transforms.tagging import Tagger
+    from newsbeam.pipeline.config import load_settings
+    from newsbeam.transforms.tagging import Tagger
 
     corpus = Path(args.corpus) if args.corpus else DEFAULT_CORPUS
     seed = Path(args.seed) if args.seed else DEFAULT_SEED

@@ -10,8 +10,8 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, Feed, load_feeds, load_settings, load_yaml
-from transforms.parse import declares_entities
+from newsbeam.pipeline.config import DEFAULT_CONFIG, ConfigError, Feed, load_feeds, load_settings, load_yaml
+from newsbeam.transforms.parse import declares_entities
 
 _BARE_AMPERSAND = re.compile(rb"&(?!(?:[A-Za-z][\w.-]*|#[0-9]+|#x[0-9A-Fa-f]+);)")
 _STATUS_FIELDS = ("feed_url", "dead", "error_class", "http_status", "consecutive_failures", "items_seen",
@@ -68,7 +68,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from transforms.elastic import connect
+    from newsbeam.transforms.elastic import connect
 
     settings = load_settings(args.config)
     if args.es_url:

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import requests
 
 KIBANA_VERSION = "9.5.4"
 DEFAULT_URL = "http://127.0.0.1:5601"
-OBJECTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "kibana"
+OBJECTS_DIR = Path(str(resources.files("newsbeam.kibana")))  # deploy/kibana, installed as package data
 DASHBOARD_ID = "newsbeam-news-overview"
 _TIMEOUT = (5.0, 120.0)  # connect, read: an import of many objects can take a while
 

@@ -1,9 +1,9 @@
 """A local Elasticsearch for development and tests: the integ-test zip from Maven Central.
 
-    python -m pipeline.local_es fetch                  # download (cached) and unpack
-    python -m pipeline.local_es start [--dir D] [--port 9200] [--security]
-    python -m pipeline.local_es stop  [--dir D]
-    python -m pipeline.local_es status [--dir D]
+    python -m newsbeam.pipeline.local_es fetch                  # download (cached) and unpack
+    python -m newsbeam.pipeline.local_es start [--dir D] [--port 9200] [--security]
+    python -m newsbeam.pipeline.local_es stop  [--dir D]
+    python -m newsbeam.pipeline.local_es status [--dir D]
 
 Standard library only: it runs before anything else is installed. The zip is the bare
 server (transport + x-pack core/security); it needs Java 21+ (`ES_JAVA_HOME`, or a JDK
@@ -150,7 +150,7 @@ class Instance:
         (self.directory / "instance.json").write_text(json.dumps(dataclasses.asdict(self), default=str))
 
     @classmethod
-    def load(cls, directory: Path) -> "Instance":
+    def load(cls, directory: Path) -> Instance:
         data = json.loads((directory / "instance.json").read_text())
         data["directory"] = Path(data["directory"])
         return cls(**data)
@@ -291,7 +291,7 @@ def stop(directory: Path = DEFAULT_DIR, timeout: float = 60.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.local_es", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m newsbeam.pipeline.local_es", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["fetch", "start", "stop", "status"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"instance folder (default {DEFAULT_DIR})")
     parser.add_argument("--port", type=int, default=9200)

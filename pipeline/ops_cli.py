@@ -9,9 +9,8 @@ from typing import Any
 
 from elasticsearch import ApiError, Elasticsearch
 
-from pipeline.cli import settings_from_args
-from pipeline.config import Settings
-from transforms.elastic import ElasticsearchUnavailable, connect
+from newsbeam.pipeline.config import Settings, settings_from_args
+from newsbeam.transforms.elastic import ElasticsearchUnavailable, connect
 
 
 def add_parsers(sub: Any) -> None:

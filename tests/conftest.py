@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from elasticsearch import Elasticsearch
 
-from pipeline import local_es
-from pipeline.config import ElasticsearchSettings, Settings, load_settings
+from newsbeam.pipeline import local_es
+from newsbeam.pipeline.config import ElasticsearchSettings, Settings, load_settings
 from tests.feedserver import FeedServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def settings(es_settings) -> Settings:
 
 @pytest.fixture(scope="session")
 def nlp():
-    from transforms.entities import load_model
+    from newsbeam.transforms.entities import load_model
     return load_model()
 
 

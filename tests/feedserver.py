@@ -5,8 +5,8 @@ from __future__ import annotations
 import html
 import json
 import time
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ def rss(items: list[dict[str, Any]], title: str = "Example World News") -> bytes
              f'<title>{html.escape(title)}</title><link>https://news.example.org/</link>'
              f'<description>Test feed</description><language>en-us</language>']
     for item in items:
-        published = item.get("published") or format_datetime(datetime.now(timezone.utc))
+        published = item.get("published") or format_datetime(datetime.now(UTC))
         parts.append(
             f"<item><title>{html.escape(item['title'])}</title><link>{html.escape(item['link'])}</link>"
             f"<guid isPermaLink=\"false\">{html.escape(item.get('guid', item['link']))}</guid>"

@@ -7,13 +7,13 @@ import time
 
 from elasticsearch import Elasticsearch
 
-from pipeline.config import Feed, Settings
+from newsbeam.pipeline.config import Feed, Settings
+from newsbeam.transforms.elastic import BulkWriter, ensure_indices
+from newsbeam.transforms.fetch import FetchResult
+from newsbeam.transforms.parse import parse_feed
+from newsbeam.transforms.tagging import Tagger
+from newsbeam.transforms.topics import Taxonomy
 from tests.feedserver import fixture_articles, rss
-from transforms.elastic import BulkWriter, ensure_indices
-from transforms.fetch import FetchResult
-from transforms.parse import parse_feed
-from transforms.tagging import Tagger
-from transforms.topics import Taxonomy
 
 # Two feeds on two hosts, so "top sources" has more than one value.
 FEEDS = {"https://news.example.org/world.xml": ["ventilators", "floods", "election"],

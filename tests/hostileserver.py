@@ -3,11 +3,10 @@ that writes whatever it likes to the socket (stall, trickle, redirect, gzip bomb
 from __future__ import annotations
 
 import gzip
-import socket
 import time
 import zlib
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
-from typing import Callable
 
 from tests.loopback import LoopbackServer, QuietHandler
 
@@ -103,7 +102,7 @@ class HostileServer(LoopbackServer):
                 behaviour = server.routes.get(path, respond(404, b"not found"))
                 try:
                     behaviour(self)
-                except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
+                except (TimeoutError, BrokenPipeError, ConnectionResetError, OSError):
                     pass
                 self.close_connection = True
 

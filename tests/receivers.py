@@ -107,7 +107,7 @@ class SmtpReceiver:
             time.sleep(0.05)
         return self.messages
 
-    def __enter__(self) -> "SmtpReceiver":
+    def __enter__(self) -> SmtpReceiver:
         self._controller.start()
         return self
 

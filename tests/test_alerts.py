@@ -15,16 +15,16 @@ import yaml
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import cli
-from pipeline.config import Settings
+from newsbeam.pipeline import cli
+from newsbeam.pipeline.config import Settings
+from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id, ensure_alert_indices
+from newsbeam.transforms.delivery import DeliveryError, Outbox, Senders
+from newsbeam.transforms.elastic import connect
+from newsbeam.transforms.rules import Rule, parse_target, spacy_lemmatizer
 from tests.conftest import REPO
 from tests.feedserver import fixture_articles, rss
 from tests.receivers import SmtpReceiver, WebhookReceiver
 from tests.test_end_to_end import newsbeam, write_config
-from transforms.alerts import MatchAlerts, RuleBook, alert_id, ensure_alert_indices
-from transforms.delivery import DeliveryError, Outbox, Senders
-from transforms.elastic import connect
-from transforms.rules import Rule, parse_target, spacy_lemmatizer
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es,
         pickled = tmp_path / "settings.pickle"
         pickled.write_bytes(pickle.dumps(alert_settings))
         exiting = ("import pickle, sys, time\n"
-                   "from transforms.delivery import Outbox\n"
+                   "from newsbeam.transforms.delivery import Outbox\n"
                    "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
                    "Outbox.shared(settings.elasticsearch, settings.alerts).wake()\n"
                    "time.sleep(0.5)  # exit while the first webhook call is stalled\n")
@@ -157,7 +157,7 @@ def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings)
 
 
 def _epoch(value: str) -> float:
-    from transforms.delivery import epoch
+    from newsbeam.transforms.delivery import epoch
     return epoch(value)
 
 
@@ -266,7 +266,7 @@ def test_seed_scenario_one_webhook_call_one_alert_and_a_rule_added_mid_run(tmp_p
         assert added.returncode == 0, added.stderr
         log = tmp_path / "run.log"
         with open(log, "w") as output:
-            run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", config, "--feed", feed,
+            run = subprocess.Popen([sys.executable, "-m", "newsbeam.pipeline.cli", "run", "--config", config, "--feed", feed,
                                     "--duration", "30"], cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 90

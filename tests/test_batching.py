@@ -7,7 +7,7 @@ import threading
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.batching import PooledBatchingDoFn
+from newsbeam.transforms.batching import PooledBatchingDoFn
 
 
 class Tens(PooledBatchingDoFn):

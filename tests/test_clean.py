@@ -1,4 +1,4 @@
-from transforms.clean import clean_article, html_to_text
+from newsbeam.transforms.clean import clean_article, html_to_text
 
 
 def test_html_to_text_removes_markup_scripts_and_decodes_entities():

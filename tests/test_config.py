@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, load_feeds, load_settings
+from newsbeam.pipeline.config import ConfigError, load_feeds, load_settings
 from tests.conftest import REPO
 
 

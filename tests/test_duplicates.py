@@ -8,10 +8,10 @@ import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.config import DedupeSettings
-from transforms.dedupe import DedupeArticles, indexed_ids
-from transforms.elastic import connect, ensure_indices
-from transforms.neardup import LinkStoriesFn, StoryIndex, link_stories
+from newsbeam.pipeline.config import DedupeSettings
+from newsbeam.transforms.dedupe import DedupeArticles, indexed_ids
+from newsbeam.transforms.elastic import connect, ensure_indices
+from newsbeam.transforms.neardup import LinkStoriesFn, StoryIndex, link_stories
 
 WIRE = """WASHINGTON (AP) - The House approved a sweeping relief package on Friday that would send billions
 of dollars to states and cities struggling with the economic fallout of the pandemic, setting up a fight

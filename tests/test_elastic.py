@@ -3,9 +3,8 @@ Faults are injected by wrapping the real client, never by mocking it."""
 import pytest
 from elasticsearch import Elasticsearch
 
-from transforms.elastic import (ARTICLE_MAPPINGS, BulkWriter, ElasticsearchUnavailable, connect,
-                                ensure_indices)
-from pipeline.config import ElasticsearchSettings
+from newsbeam.pipeline.config import ElasticsearchSettings
+from newsbeam.transforms.elastic import ARTICLE_MAPPINGS, BulkWriter, ElasticsearchUnavailable, connect, ensure_indices
 
 
 def test_ensure_indices_is_idempotent_and_creates_the_contract(es, es_settings):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from newsbeam.transforms import clock
 from tests.conftest import REPO
 from tests.feedserver import fixture_articles, rss
-from transforms import clock
 
 
 def write_config(tmp_path: Path, es_settings, poll_interval: float) -> Path:
@@ -34,7 +34,7 @@ def write_config(tmp_path: Path, es_settings, poll_interval: float) -> Path:
 
 def newsbeam(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

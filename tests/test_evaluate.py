@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from pipeline import cli
-from pipeline.evaluate import Counts, load_conll
+from newsbeam.pipeline import cli
+from newsbeam.pipeline.evaluate import Counts, load_conll
 
 CONLL = """-DOCSTART- -X- -X- O
 

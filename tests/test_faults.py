@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from newsbeam.transforms import clock
 from tests.conftest import REPO
 from tests.faultproxy import FaultProxy
 from tests.feedserver import rss
 from tests.test_end_to_end import newsbeam, write_config
-from transforms import clock
 
 
 def items(start: int, count: int) -> list[dict]:
@@ -102,7 +102,7 @@ class FlakyClientFactory:
         self.times = times
 
     def __call__(self, settings):
-        from transforms.elastic import connect
+        from newsbeam.transforms.elastic import connect
         return FailingBulkClient(connect(settings, check=False), self.reject_ids, self.times)
 
 
@@ -115,8 +115,9 @@ def run_index(settings, docs, client_factory=None):
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.testing.test_pipeline import TestPipeline
-    from transforms.deadletter import DEAD
-    from transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
+
+    from newsbeam.transforms.deadletter import DEAD
+    from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
 
     ensure_indices(connect(settings), settings)
     pipeline = TestPipeline()
@@ -175,7 +176,7 @@ def busy_run(tmp_path, es, es_settings, feed_server, **popen):
 
     threading.Thread(target=publish, daemon=True).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--feed", feed],
+    process = subprocess.Popen([sys.executable, "-m", "newsbeam.pipeline.cli", "run", "--config", str(config), "--feed", feed],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, **popen)
     deadline = time.time() + 300
     count = 0

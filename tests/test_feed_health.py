@@ -10,16 +10,16 @@ import apache_beam as beam
 import yaml
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.config import Feed, FetchSettings
-from pipeline.feeds_cli import append_feeds, format_table, read_opml, status_rows
+from newsbeam.pipeline.config import Feed, FetchSettings
+from newsbeam.pipeline.feeds_cli import append_feeds, format_table, read_opml, status_rows
+from newsbeam.transforms.deadletter import DEAD
+from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth, connect, ensure_indices
+from newsbeam.transforms.feedstate import feed_id
+from newsbeam.transforms.poll import PollFeeds
 from tests.conftest import REPO
 from tests.feedserver import rss
 from tests.hostileserver import HostileServer, conditional, gzip_bomb, redirect, respond, stall
 from tests.test_ingest_guards import BILLION_LAUGHS
-from transforms.deadletter import DEAD
-from transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth, connect, ensure_indices
-from transforms.feedstate import feed_id
-from transforms.poll import PollFeeds
 
 FETCH = FetchSettings(allow_private_addresses=True, connect_timeout=1, read_timeout=1, total_timeout=2,
                       scheduler_interval=1, dead_after=2, dead_retry_interval=4, per_host_delay=0.01,
@@ -101,7 +101,7 @@ def test_feeds_status_command(es, es_settings, tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"elasticsearch": {"url": es_settings.url,
                                                         "feeds_index": es_settings.feeds_index}}))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "feeds", "status", "--config", str(config)],
+    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "feeds", "status", "--config", str(config)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "DEAD" in result.stdout and "https://a.example/rss" in result.stdout and "cannot resolve" in result.stdout
@@ -123,14 +123,14 @@ def test_opml_import_appends_new_feeds_and_keeps_the_file(tmp_path):
     assert [f.url for f in added] == ["https://qa.example/feed?x=1&y=2"]
     assert feeds_file.read_text().startswith("# my feeds\n")
     assert append_feeds(feeds_file, feeds) == []  # idempotent
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "feeds", "import", str(opml),
+    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "feeds", "import", str(opml),
                              "--feeds-file", str(tmp_path / "new.yaml")], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "2 added" in result.stderr
     assert len(yaml.safe_load((tmp_path / "new.yaml").read_text())["feeds"]) == 2
     laughs = tmp_path / "laughs.opml"
     laughs.write_bytes(BILLION_LAUGHS)
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "feeds", "import", str(laughs),
+    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "feeds", "import", str(laughs),
                              "--feeds-file", str(feeds_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "declares XML entities" in result.stderr
 

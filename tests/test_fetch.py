@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from pipeline.config import Feed, FetchSettings
-from transforms.fetch import FetchError, fetch, new_session, shard_feeds
+from newsbeam.pipeline.config import Feed, FetchSettings
+from newsbeam.transforms.fetch import FetchError, fetch, new_session, shard_feeds
 
 FAST = FetchSettings(connect_timeout=2, read_timeout=1, total_timeout=3, max_bytes=50_000, concurrency=4,
                      allow_private_addresses=True)

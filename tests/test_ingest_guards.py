@@ -10,15 +10,24 @@ import tracemalloc
 
 import pytest
 
-from pipeline.config import Feed, FetchSettings
+from newsbeam.pipeline.config import Feed, FetchSettings
+from newsbeam.transforms import fetch as fetch_module
+from newsbeam.transforms.feedstate import FeedState
+from newsbeam.transforms.fetch import FetchError, blocked_address, fetch, inflate, new_session
+from newsbeam.transforms.parse import declares_entities, read_feed
+from newsbeam.transforms.poll import apply_outcome, poll_one
 from tests.feedserver import rss
-from tests.hostileserver import (HostileServer, conditional, gzip_bomb, gzipped, redirect, respond, stall,
-                                 trickle_body, trickle_headers)
-from transforms import fetch as fetch_module
-from transforms.fetch import FetchError, blocked_address, fetch, inflate, new_session
-from transforms.parse import declares_entities, read_feed
-from transforms.poll import apply_outcome, poll_one
-from transforms.feedstate import FeedState
+from tests.hostileserver import (
+    HostileServer,
+    conditional,
+    gzip_bomb,
+    gzipped,
+    redirect,
+    respond,
+    stall,
+    trickle_body,
+    trickle_headers,
+)
 
 GUARDED = FetchSettings(connect_timeout=1, read_timeout=1, total_timeout=2, max_bytes=200_000,
                         max_decompressed_bytes=1_000_000, concurrency=4, allow_private_addresses=True)

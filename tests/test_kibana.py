@@ -20,20 +20,20 @@ import shutil
 import subprocess
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
 
-from pipeline import cli
-from pipeline.config import ElasticsearchSettings, Feed, load_settings
-from pipeline.kibana import DASHBOARD_ID, KIBANA_VERSION, OBJECTS_DIR, load_objects, new_session
+from newsbeam.pipeline import cli
+from newsbeam.pipeline.config import ElasticsearchSettings, Feed, load_settings
+from newsbeam.pipeline.kibana import DASHBOARD_ID, KIBANA_VERSION, OBJECTS_DIR, load_objects, new_session
+from newsbeam.transforms.deadletter import dead_letter
+from newsbeam.transforms.elastic import DATE, KEYWORD, TEXT_WITH_KEYWORD, BulkWriter, connect, ensure_indices
+from newsbeam.transforms.feedstate import FeedState, health_doc
 from tests.conftest import REPO
 from tests.fixture_corpus import index_fixture_articles
-from transforms.deadletter import dead_letter
-from transforms.feedstate import FeedState, health_doc
-from transforms.elastic import DATE, KEYWORD, TEXT_WITH_KEYWORD, BulkWriter, connect, ensure_indices
 
 OBJECTS = load_objects()
 BY_KEY = {(obj["type"], obj["id"]): obj for obj in OBJECTS}
@@ -74,7 +74,7 @@ def alert_mapping() -> tuple[dict | None, str]:
     for path in sorted([*REPO.glob("transforms/*.py"), *REPO.glob("pipeline/*.py")]):
         if field not in path.read_text(encoding="utf-8"):
             continue
-        module = importlib.import_module(f"{path.parent.name}.{path.stem}")
+        module = importlib.import_module(f"newsbeam.{path.parent.name}.{path.stem}")
         for name, value in vars(module).items():
             if name.endswith("MAPPINGS") and isinstance(value, dict) and field in value.get("properties", {}):
                 return value, f"{module.__name__}.{name}"
@@ -332,7 +332,7 @@ def stack(es_url, nlp):
     settings = dataclasses.replace(load_settings(REPO / "configs" / "pipeline.yaml"), elasticsearch=es_settings)
     client = connect(es_settings)
     ids = index_fixture_articles(client, settings, nlp)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def ago(delta: timedelta) -> datetime:
         return now - delta

@@ -2,12 +2,12 @@
 pages (through the same guarded client, against a real server on loopback)."""
 from __future__ import annotations
 
-from pipeline.config import Feed, FetchSettings, NlpSettings
+from newsbeam.pipeline.config import Feed, FetchSettings, NlpSettings
+from newsbeam.transforms.entities import tag_entities
+from newsbeam.transforms.fetch import new_session
+from newsbeam.transforms.fulltext import fetch_full_text
+from newsbeam.transforms.language import DetectLanguageFn, detect, load_identifier, model_languages
 from tests.hostileserver import HostileServer, redirect, respond
-from transforms.entities import tag_entities
-from transforms.fetch import new_session
-from transforms.fulltext import fetch_full_text
-from transforms.language import DetectLanguageFn, detect, load_identifier, model_languages
 
 GERMAN = ("Die Bundesregierung hat am Dienstag angekündigt, Beatmungsgeräte nach Italien zu schicken. "
           "Bundeskanzlerin Angela Merkel sagte in Berlin, Europa müsse in der Krise zusammenstehen.")

@@ -4,13 +4,12 @@ import os
 import subprocess
 import sys
 
-
-from pipeline.config import ElasticsearchSettings, Settings
-from pipeline.ops_cli import pipeline_role
+from newsbeam.pipeline.config import ElasticsearchSettings, Settings
+from newsbeam.pipeline.ops_cli import pipeline_role
+from newsbeam.transforms.deadletter import dead_letter
+from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from tests.conftest import REPO
 from tests.test_end_to_end import newsbeam, write_config
-from transforms.deadletter import dead_letter
-from transforms.elastic import BulkWriter, connect, ensure_indices
 
 
 def test_status_summarises_articles_feeds_and_dead_letters(tmp_path, es, es_settings):
@@ -55,7 +54,7 @@ def test_create_api_key_reports_a_refusing_server_in_one_line(secure_es_node):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
     env.update(ELASTICSEARCH_USERNAME=secure_es_node.username, ELASTICSEARCH_PASSWORD=secure_es_node.password,
                ELASTICSEARCH_CA_CERTS=secure_es_node.ca_certs)
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "es", "create-api-key", "--es-url",
+    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "es", "create-api-key", "--es-url",
                              secure_es_node.url], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     # The bare server cannot create the .security index that API keys live in.
     assert result.returncode == 2

@@ -1,11 +1,11 @@
 import dataclasses
 import time
 
-from pipeline.config import Feed
+from newsbeam.pipeline.config import Feed
+from newsbeam.transforms import clock
+from newsbeam.transforms.fetch import FetchResult
+from newsbeam.transforms.parse import article_id, canonical_url, parse_feed
 from tests.feedserver import fixture_articles, rss
-from transforms import clock
-from transforms.fetch import FetchResult
-from transforms.parse import article_id, canonical_url, parse_feed
 
 
 def result(body: bytes, url: str = "https://news.example.org/feed.xml", headers=None) -> FetchResult:

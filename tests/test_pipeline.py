@@ -5,14 +5,14 @@ import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.build import enrich
-from pipeline.config import Feed
+from newsbeam.pipeline.build import enrich
+from newsbeam.pipeline.config import Feed
+from newsbeam.transforms.deadletter import DEAD
+from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
+from newsbeam.transforms.fetch import FetchResult
+from newsbeam.transforms.parse import ParseEntries
+from newsbeam.transforms.topics import Taxonomy
 from tests.feedserver import fixture_articles, rss
-from transforms.deadletter import DEAD
-from transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
-from transforms.fetch import FetchResult
-from transforms.parse import ParseEntries
-from transforms.topics import Taxonomy
 
 
 def fetched(items, url="https://news.example.org/feed.xml"):

@@ -9,13 +9,13 @@ import time
 import pytest
 from apache_beam.utils.timestamp import Timestamp
 
-from pipeline.config import ConfigError, Feed, FetchSettings, load_feeds, load_settings
+from newsbeam.pipeline.config import ConfigError, Feed, FetchSettings, load_feeds, load_settings
+from newsbeam.transforms.feedstate import FeedState, max_age, on_failure, on_success
+from newsbeam.transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
+from newsbeam.transforms.parse import parse_document, refresh_hint
+from newsbeam.transforms.poll import Budget, PollShardFn, tick_wait
 from tests.feedserver import rss
 from tests.hostileserver import HostileServer, respond, stall
-from transforms.feedstate import FeedState, max_age, on_failure, on_success
-from transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
-from transforms.parse import parse_document, refresh_hint
-from transforms.poll import Budget, PollShardFn, tick_wait
 
 SETTINGS = FetchSettings(allow_private_addresses=True, max_poll_interval=86_400, dead_after=3,
                          dead_retry_interval=21_600, connect_timeout=1, read_timeout=1, total_timeout=4,

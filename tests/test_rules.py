@@ -6,13 +6,29 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
+from newsbeam.transforms.rules import (
+    And,
+    Field,
+    Not,
+    Or,
+    Rule,
+    RuleError,
+    RuleSyntaxError,
+    Words,
+    analyze,
+    compile_rule,
+    match,
+    parse_duration,
+    parse_query,
+    parse_target,
+    resolve,
+    spacy_lemmatizer,
+)
+from newsbeam.transforms.tagging import Tagger
+from newsbeam.transforms.topics import Taxonomy
 from tests.conftest import REPO
 from tests.feedserver import FIXTURES, fixture_articles
-from transforms.elastic import BulkWriter, connect, ensure_indices
-from transforms.rules import (And, Field, Not, Or, Rule, RuleError, RuleSyntaxError, Words, analyze, compile_rule,
-                              match, parse_duration, parse_query, parse_target, resolve, spacy_lemmatizer)
-from transforms.tagging import Tagger
-from transforms.topics import Taxonomy
 
 
 def test_the_query_language_parses_with_precedence_and_fields():
@@ -100,7 +116,7 @@ def test_query_words_are_lemmatized_like_article_text(nlp):
 
 
 def _settings():
-    from pipeline.config import load_settings
+    from newsbeam.pipeline.config import load_settings
     return load_settings(REPO / "configs" / "pipeline.yaml")
 
 

@@ -6,14 +6,20 @@ import uuid
 
 import pytest
 
-from pipeline import cli
-from pipeline.config import ConfigError, ElasticsearchSettings, load_settings
+from newsbeam.pipeline import cli
+from newsbeam.pipeline.config import ConfigError, ElasticsearchSettings, load_settings
+from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
+from newsbeam.transforms.search import (
+    MAX_RESULT_WINDOW,
+    format_hit,
+    page_offset,
+    page_summary,
+    results_json,
+    search_articles,
+)
 from tests.conftest import REPO
 from tests.fixture_corpus import index_fixture_articles
 from tests.test_end_to_end import write_config
-from transforms.elastic import BulkWriter, connect, ensure_indices
-from transforms.search import (MAX_RESULT_WINDOW, format_hit, page_offset, page_summary, results_json,
-                               search_articles)
 
 NEWEST_FIRST = ["election", "floods", "chips", "ventilators", "late"]
 

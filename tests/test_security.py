@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from pipeline import local_es
-from pipeline.config import ElasticsearchSettings
+from newsbeam.pipeline import local_es
+from newsbeam.pipeline.config import ElasticsearchSettings
+from newsbeam.transforms.elastic import BulkWriter, ElasticsearchUnavailable, connect, ensure_indices
 from tests.conftest import REPO
-from transforms.elastic import BulkWriter, ElasticsearchUnavailable, connect, ensure_indices
 
 SECRET_NAMES = ("ELASTICSEARCH_API_KEY", "ELASTICSEARCH_USERNAME", "ELASTICSEARCH_PASSWORD")
 
@@ -64,7 +64,7 @@ def test_wrong_password_is_one_line_and_never_echoed(secure_es_node):
     env = {k: v for k, v in os.environ.items() if k not in SECRET_NAMES}
     env.update(ELASTICSEARCH_USERNAME=secure_es_node.username, ELASTICSEARCH_PASSWORD="wrong-Secret-42")
     env["ELASTICSEARCH_CA_CERTS"] = secure_es_node.ca_certs
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", "x", "--es-url", secure_es_node.url],
+    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "search", "x", "--es-url", secure_es_node.url],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "refused the credentials (HTTP 401)" in result.stderr

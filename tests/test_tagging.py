@@ -1,13 +1,19 @@
 """Entities and topics, through the same functions the pipeline uses."""
 import pytest
 
-from pipeline.config import ConfigError, NlpSettings, load_settings
-from tests.feedserver import fixture_articles
-from transforms.clean import clean_article
-from transforms.entities import (canonical_entities, load_gazetteer, load_model, strip_mention, tag_entities,
-                                 truecase_headlines)
-from transforms.topics import Taxonomy, score_article, tag_topics
+from newsbeam.pipeline.config import ConfigError, NlpSettings, load_settings
+from newsbeam.transforms.clean import clean_article
+from newsbeam.transforms.entities import (
+    canonical_entities,
+    load_gazetteer,
+    load_model,
+    strip_mention,
+    tag_entities,
+    truecase_headlines,
+)
+from newsbeam.transforms.topics import Taxonomy, score_article, tag_topics
 from tests.conftest import REPO
+from tests.feedserver import fixture_articles
 
 
 @pytest.fixture(scope="module")

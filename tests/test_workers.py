@@ -10,13 +10,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from apache_beam.utils.timestamp import Timestamp
 
-from pipeline.config import ConfigError, NlpSettings, for_runner, load_settings
+from newsbeam.pipeline.config import ConfigError, NlpSettings, for_runner, load_settings
+from newsbeam.transforms import timing
+from newsbeam.transforms.clean import clean_article
+from newsbeam.transforms.entities import TagEntitiesFn
+from newsbeam.transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
 from tests import workerjobs
 from tests.feedserver import fixture_articles
-from transforms import timing
-from transforms.clean import clean_article
-from transforms.entities import TagEntitiesFn
-from transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
 
 
 def test_split_keeps_order_and_balances():
@@ -94,7 +94,7 @@ def test_an_article_that_kills_its_worker_is_a_dead_letter_and_the_batch_is_stil
 
 
 def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead_letter(monkeypatch):
-    from transforms import entities
+    from newsbeam.transforms import entities
 
     threads, intervals = set(), set()
 
@@ -129,7 +129,7 @@ def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead
 
 
 def test_the_switch_interval_comes_back_when_the_last_in_process_tagger_is_torn_down():
-    from transforms import entities
+    from newsbeam.transforms import entities
 
     interval, model = sys.getswitchinterval(), shared.Shared()
     broken = TagEntitiesFn(NlpSettings(processes=0, model="no_such_model"), shared.Shared())
@@ -154,7 +154,7 @@ def test_the_fnapi_runner_merges_metrics_into_lists_not_a_chain_of_generators():
     from apache_beam.metrics import monitoring_infos
     from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-    from pipeline.beam_fixes import bound_fnapi_metrics
+    from newsbeam.pipeline.beam_fixes import bound_fnapi_metrics
 
     bound_fnapi_metrics()
     bound_fnapi_metrics()  # idempotent
@@ -171,7 +171,7 @@ def test_state_values_weigh_the_same_without_collecting_module_globals_each_time
     import objsize
     from apache_beam.runners.worker import statecache
 
-    from pipeline.beam_fixes import cheap_state_weights
+    from newsbeam.pipeline.beam_fixes import cheap_state_weights
 
     articles = list(fixture_articles().values())
     values = [True, None, ("feed", 1.5, None), b"\x00" * 300, articles[0],

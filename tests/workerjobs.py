@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.config import NlpSettings
-from transforms import entities
+from newsbeam.pipeline.config import NlpSettings
+from newsbeam.transforms import entities
 
 
 def square(numbers: list[int]) -> list[int]:

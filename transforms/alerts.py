@@ -22,23 +22,40 @@ import json
 import logging
 import re
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 
-from pipeline.config import AlertSettings, ElasticsearchSettings, Settings
-from transforms import timing
-from transforms.batching import BatchingDoFn
-from transforms.deadletter import DEAD, dead_letter
-from transforms.delivery import Outbox, iso, new_deliveries, summarize
-from transforms.elastic import (DATE, INDEX_SETTINGS, KEYWORD, RETRY_STATUSES, TEXT_WITH_KEYWORD, BulkWriter,
-                                connect)
-from transforms.entities import load_model
-from transforms.rules import (ArticleView, CompiledRule, Lemmatizer, Node, Rule, RuleError, compile_rule,
-                              spacy_lemmatizer, term_forms)
+from newsbeam.transforms import timing
+from newsbeam.transforms.batching import BatchingDoFn
+from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.delivery import Outbox, iso, new_deliveries, summarize
+from newsbeam.transforms.elastic import (
+    DATE,
+    INDEX_SETTINGS,
+    KEYWORD,
+    RETRY_STATUSES,
+    TEXT_WITH_KEYWORD,
+    BulkWriter,
+    connect,
+)
+from newsbeam.transforms.entities import load_model
+from newsbeam.transforms.rules import (
+    ArticleView,
+    CompiledRule,
+    Lemmatizer,
+    Node,
+    Rule,
+    RuleError,
+    compile_rule,
+    spacy_lemmatizer,
+    term_forms,
+)
+from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, Settings
 
 _LOG = logging.getLogger(__name__)
 
@@ -131,7 +148,7 @@ class RuleBook:
 # --- alert documents ---------------------------------------------------------------------
 
 def alert_id(rule: str, article_id: str) -> str:
-    return hashlib.sha256(f"{rule}\x00{article_id}".encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(f"{rule}\x00{article_id}".encode()).hexdigest()[:32]
 
 
 _TEXT_WORD = re.compile(r"\w+(?:['’.]\w+)*")

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import timing
+from newsbeam.transforms import timing
 
 _Batch = list[tuple[Any, Any, Any]]  # (element, timestamp, window)
 

@@ -9,7 +9,7 @@ from typing import Any
 import apache_beam as beam
 from selectolax.lexbor import LexborHTMLParser
 
-from transforms.deadletter import DEAD, SafeMapFn
+from newsbeam.transforms.deadletter import DEAD, SafeMapFn
 
 _DROP_TAGS = ["script", "style", "noscript", "iframe", "svg", "template", "object", "embed", "head"]
 # Block-level boundaries become line breaks so words of adjacent paragraphs never fuse.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def iso(ts: float | None = None) -> str:
     """Epoch seconds (default: now) -> e.g. 2026-11-27T09:41:07.125Z."""
-    moment = datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc)
+    moment = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from transforms import clock, timing
+from newsbeam.transforms import clock, timing
 
 DEAD = "dead"
 _MAX_PAYLOAD = 20_000

@@ -14,7 +14,8 @@ Two layers, before any expensive work:
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder
@@ -23,8 +24,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration
 
-from pipeline.config import DedupeSettings, ElasticsearchSettings
-from transforms.batching import BatchingDoFn
+from newsbeam.transforms.batching import BatchingDoFn
+from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings
 
 _LOG = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class SkipIndexedFn(BatchingDoFn):
         self._unchecked = Metrics.counter("newsbeam", "articles_dedupe_unchecked")
 
     def setup(self) -> None:
-        from transforms.elastic import connect
+        from newsbeam.transforms.elastic import connect
         self._client = connect(self._settings, check=False)
 
     def handle_batch(self, articles: list[dict[str, Any]]) -> Iterator[list[Any]]:

@@ -33,16 +33,17 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
-from typing import Any, Callable
+from typing import Any
 
 import requests
 from elasticsearch import ApiError, ConflictError, Elasticsearch, NotFoundError, TransportError
 
-from pipeline.config import AlertSettings, ElasticsearchSettings, SmtpSettings
-from transforms.clock import epoch, iso
-from transforms.elastic import connect
-from transforms.rules import Target, parse_target
+from newsbeam.transforms.clock import epoch, iso
+from newsbeam.transforms.elastic import connect
+from newsbeam.transforms.rules import Target, parse_target
+from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, SmtpSettings
 
 _LOG = logging.getLogger(__name__)
 PENDING, DELIVERED = "pending", "delivered"
@@ -233,7 +234,7 @@ class Outbox:
     """Sends due deliveries from the alerts index. `sweep()` does one pass; `start()` runs
     passes every `sweep_interval` seconds, or at once after `wake()`, in a daemon thread."""
 
-    _shared: dict[tuple[str, str], "Outbox"] = {}
+    _shared: dict[tuple[str, str], Outbox] = {}
     _shared_lock = threading.Lock()
     _exit_hook = False
 
@@ -250,7 +251,7 @@ class Outbox:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def shared(cls, es: ElasticsearchSettings, settings: AlertSettings) -> "Outbox":
+    def shared(cls, es: ElasticsearchSettings, settings: AlertSettings) -> Outbox:
         """The process's running outbox for these indices (one per worker process)."""
         key = (es.url, settings.alerts_index)
         with cls._shared_lock:
@@ -277,7 +278,7 @@ class Outbox:
         for outbox in outboxes:
             outbox.stop()
 
-    def start(self) -> "Outbox":
+    def start(self) -> Outbox:
         self._thread = threading.Thread(target=self._run, name="newsbeam-outbox", daemon=True)
         self._thread.start()
         return self
@@ -386,7 +387,7 @@ class Outbox:
         """Claims the delivery records `select` picks in the alert. A search result can be a
         moment old: on a version conflict the alert is read again (real-time) and claimed
         if what we wanted is still unclaimed; None when it is not."""
-        for attempt in range(2):
+        for _attempt in range(2):
             records = select(hit["_source"])
             if not records:
                 return None

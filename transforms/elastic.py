@@ -14,16 +14,17 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from elasticsearch import ApiError, Elasticsearch, TransportError
 
-from pipeline.config import ElasticsearchSettings
-from transforms import clock, timing
-from transforms.batching import PooledBatchingDoFn
-from transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms import clock, timing
+from newsbeam.transforms.batching import PooledBatchingDoFn
+from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.settings import ElasticsearchSettings
 
 _LOG = logging.getLogger(__name__)
 

@@ -21,18 +21,19 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from pipeline.config import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
-from transforms import timing
-from transforms.batching import PooledBatchingDoFn
-from transforms.deadletter import DEAD, dead_letter
-from transforms.workers import WorkerPool
+from newsbeam.transforms import timing
+from newsbeam.transforms.batching import PooledBatchingDoFn
+from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.settings import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
+from newsbeam.transforms.workers import WorkerPool
 
 _LOG = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import re
 import time
 from typing import Any
 
-from pipeline.config import Feed, FetchSettings
+from newsbeam.transforms.settings import Feed, FetchSettings
 
 _LOG = logging.getLogger(__name__)
 _UNCHANGED_GRACE = 2  # unchanged polls before the interval starts to grow

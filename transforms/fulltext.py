@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Iterator
 from concurrent.futures import wait
-from typing import Any, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.config import Feed, FetchSettings
-from transforms.batching import BatchingDoFn
-from transforms.fetch import FetchError, PoliteExecutor, fetch, host_of, new_session
+from newsbeam.transforms.batching import BatchingDoFn
+from newsbeam.transforms.fetch import FetchError, PoliteExecutor, fetch, host_of, new_session
+from newsbeam.transforms.settings import Feed, FetchSettings
 
 _LOG = logging.getLogger(__name__)
 PAGE_ACCEPT = "text/html, application/xhtml+xml;q=0.9, */*;q=0.5"

@@ -6,12 +6,13 @@ are indexed with their language.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import timing
+from newsbeam.transforms import timing
 
 MIN_CONFIDENCE = 0.8
 MIN_WORDS = 4

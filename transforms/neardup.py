@@ -22,14 +22,15 @@ import hashlib
 import logging
 import re
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from pipeline.config import DedupeSettings, ElasticsearchSettings
-from transforms.batching import BatchingDoFn
+from newsbeam.transforms.batching import BatchingDoFn
+from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings
 
 _LOG = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class LinkStoriesFn(BatchingDoFn):
         self._linked = Metrics.counter("newsbeam", "articles_linked_to_story")
 
     def setup(self) -> None:
-        from transforms.elastic import connect
+        from newsbeam.transforms.elastic import connect
         self._client = connect(self._es_settings, check=False)
         self._index = StoryIndex()
 

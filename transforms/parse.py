@@ -13,16 +13,17 @@ import hashlib
 import io
 import logging
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import apache_beam as beam
 import feedparser
 from apache_beam.metrics import Metrics
 
-from transforms import clock
-from transforms.deadletter import DEAD, dead_letter
-from transforms.fetch import FetchResult
+from newsbeam.transforms import clock
+from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.fetch import FetchResult
 
 _LOG = logging.getLogger(__name__)
 

@@ -22,24 +22,24 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
-from apache_beam.metrics import Metrics
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.periodicsequence import ImpulseSeqGenDoFn, ImpulseSeqGenRestrictionProvider
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from pipeline.config import ElasticsearchSettings, Feed, FetchSettings
-from transforms.deadletter import DEAD, dead_letter
-from transforms.feedstate import (FeedState, body_hash, health_doc, load_states, max_age, on_failure,
-                                  on_success)
-from transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
-from transforms import timing
-from transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
-from transforms.workers import WorkerPool
+from newsbeam.transforms import timing
+from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.feedstate import FeedState, body_hash, health_doc, load_states, max_age, on_failure, on_success
+from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
+from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
+from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings
+from newsbeam.transforms.workers import WorkerPool
 
 _LOG = logging.getLogger(__name__)
 HEALTH = "health"
@@ -152,7 +152,7 @@ class PollShardFn(beam.DoFn):
         self._lag = Metrics.distribution("newsbeam", "poll_lag_ms")
 
     def setup(self) -> None:
-        from transforms.elastic import connect
+        from newsbeam.transforms.elastic import connect
         self._session = new_session(self._settings)
         self._executor = PoliteExecutor(self._settings.concurrency, self._settings.per_host_concurrency,
                                         self._settings.per_host_delay, self._session.timers)

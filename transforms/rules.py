@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from pipeline.config import ConfigError
+from newsbeam.transforms.settings import ConfigError
 
 # Query field -> article field. Aliases map to the same article field.
 FIELDS: dict[str, str] = {
@@ -110,20 +111,20 @@ class Field:
 
 @dataclasses.dataclass(frozen=True)
 class And:
-    children: tuple["Node", ...]
+    children: tuple[Node, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Or:
-    children: tuple["Node", ...]
+    children: tuple[Node, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Not:
-    child: "Node"
+    child: Node
 
 
-Node = Union[Words, Field, And, Or, Not]
+Node = Words | Field | And | Or | Not
 
 
 # --- the parser --------------------------------------------------------------------------
@@ -492,7 +493,7 @@ class Rule:
                 "digest_seconds": self.digest_seconds, "enabled": self.enabled}
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any], where: str = "rule") -> "Rule":
+    def from_doc(cls, doc: dict[str, Any], where: str = "rule") -> Rule:
         """A rule from a stored document or a YAML entry (`digest: 15m` or `digest_seconds`)."""
         if not isinstance(doc, dict):
             raise RuleError(f"{where}: expected a mapping")

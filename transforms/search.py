@@ -7,7 +7,7 @@ from typing import Any
 
 from elasticsearch import Elasticsearch
 
-from pipeline.config import ConfigError
+from newsbeam.transforms.settings import ConfigError
 
 _RELATIVE = re.compile(r"^(\d+)([smhdw])$")
 _SPACES = re.compile(r"\s+")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import Settings
-from transforms.clean import clean_article
-from transforms.entities import load_model, tag_entities
-from transforms.topics import Taxonomy, tag_topics
+from newsbeam.transforms.clean import clean_article
+from newsbeam.transforms.entities import load_model, tag_entities
+from newsbeam.transforms.settings import Settings
+from newsbeam.transforms.topics import Taxonomy, tag_topics
 
 OUTPUT_FIELDS = ("entities", "persons", "organizations", "locations", "topics", "topic_evidence")
 
@@ -27,7 +27,7 @@ class Tagger:
         return self._settings
 
     @classmethod
-    def load(cls, settings: Settings) -> "Tagger":
+    def load(cls, settings: Settings) -> Tagger:
         return cls(load_model(settings.nlp.model, settings.nlp.gazetteer), Taxonomy.load(settings.topics_file), settings)
 
     def tag_articles(self, articles: list[dict[str, Any]], with_mentions: bool = False) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 ENV = "NEWSBEAM_STAGE_TIMES"
 _lock = threading.Lock()

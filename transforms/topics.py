@@ -28,8 +28,8 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipeline.config import ConfigError, load_yaml
-from transforms.deadletter import DEAD, SafeMapFn
+from newsbeam.transforms.deadletter import DEAD, SafeMapFn
+from newsbeam.transforms.settings import ConfigError, load_yaml
 
 Phrase = tuple[str, ...]
 NUMBER = "#number"
@@ -129,7 +129,7 @@ class Taxonomy:
     topics: tuple[Topic, ...]
 
     @classmethod
-    def load(cls, path: Path | str) -> "Taxonomy":
+    def load(cls, path: Path | str) -> Taxonomy:
         raw = load_yaml(Path(path))
         items = raw.get("topics") if isinstance(raw, dict) else None
         if not isinstance(items, list) or not items:

@@ -19,10 +19,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.config import Feed, FetchSettings
+from newsbeam.pipeline.config import Feed, FetchSettings
+from newsbeam.transforms.fetch import FetchError, fetch, new_session
+from newsbeam.transforms.parse import declares_entities, parse_document, read_feed
 from tests.conftest import REPO
-from transforms.fetch import FetchError, fetch, new_session
-from transforms.parse import declares_entities, parse_document, read_feed
 
 CORPUS = REPO.parent / "shared" / "corpus" / "feedparser-tests" / "tests"
 if not CORPUS.is_dir():

@@ -15,9 +15,9 @@ if not (CORPUS / "topics").is_dir() or not (CORPUS / "entities").is_dir():
     pytest.skip(f"EXTERNAL SUITE SKIPPED: {SHARED} is missing (it holds the labelled topic and entity "
                 "development sets); CI always provides it", allow_module_level=True)
 
-from pipeline import evaluate  # noqa: E402
-from pipeline.config import load_settings  # noqa: E402
-from transforms.tagging import Tagger  # noqa: E402
+from newsbeam.pipeline import evaluate  # noqa: E402
+from newsbeam.pipeline.config import load_settings  # noqa: E402
+from newsbeam.transforms.tagging import Tagger  # noqa: E402
 
 pytestmark = pytest.mark.external
 AID = evaluate.AID

@@ -1,0 +1,1 @@
+"""The shipped configuration files, installed as package data."""

@@ -1,0 +1,1 @@
+"""Kibana saved objects (ndjson), installed as package data."""
