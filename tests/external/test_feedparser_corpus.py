@@ -4,13 +4,17 @@ each file's `Header:` lines, through our fetch-and-parse functions (not a pipeli
 file, so it takes seconds).
 
 Files without a `Content-type` header line get what a static file server sends for `.xml`
-(http.server's guess, application/xml). Checks: zero crashes; every file either parsed or refused with a reason (what would be a
-dead letter); and agreement with each file's `Expect:` on the files whose expectation is
-about fields we keep (titles, links, summaries and content, dates, ids). Prints the rates.
+(http.server's guess, application/xml). Checks: zero crashes; every refused file has a reason
+(what would be a dead letter); and newsbeam's own article fields (after read_feed and
+clean_article: title, url, guid, summary, body, published_at) against each file's `Expect:` where
+the expectation is about one of those fields. feedparser's expected values are sanitized HTML and
+newsbeam indexes text, so an expected HTML value is compared through the same html_to_text.
+Prints the rates and the disagreements.
 """
 from __future__ import annotations
 
-import datetime
+import ast
+import calendar
 import re
 import threading
 import time
@@ -20,6 +24,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from newsbeam.pipeline.config import Feed, FetchSettings
+from newsbeam.transforms.clean import clean_article, html_to_text
+from newsbeam.transforms.clock import iso
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
 from newsbeam.transforms.parse import declares_entities, parse_document, read_feed
 from tests.conftest import REPO
@@ -33,8 +39,15 @@ pytestmark = pytest.mark.external
 FOLDERS = ("wellformed", "illformed", "encoding", "entities")
 _HEADER = re.compile(r"^Header:\s+([^:]+):\s*(.*?)\s*$", re.M)
 _EXPECT = re.compile(r"^Expect:\s*(.*?)\s*$", re.M)
-_KEPT = re.compile(r"\['(title|link|links|description|summary|content|published|published_parsed|updated|"
-                   r"updated_parsed|id|guid|language)'\]")
+# `[not ]bozo and entries[0]['field'] == literal` (or ['content'][0]['value']): one field of the
+# first entry, the expectations that say what an article's field must be.
+_FIELD_EXPECT = re.compile(r"^(?:(?:not )?bozo and )?entries\[0\]\['(\w+)'\](\[0\]\['value'\])? == (.+)$")
+_TEXT_FIELDS = {"title": "title", "description": "summary", "summary": "summary", "content": "body"}
+_EXACT_FIELDS = {"link": "url", "id": "guid", "guid": "guid"}
+_DATE_FIELDS = ("published_parsed", "updated_parsed")
+# Measured 45/47: the two misses are ids feedparser resolves against the document URL that
+# newsbeam passes (its harness passes none). An upgrade of feedparser that moves this shows here.
+AGREEMENT_FLOOR = 0.95
 SETTINGS = FetchSettings(allow_private_addresses=True, connect_timeout=2, read_timeout=2, total_timeout=5)
 
 
@@ -73,7 +86,10 @@ class _CorpusServer:
             def log_message(self, *args):
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        try:  # the corpus's expectations name the port feedparser's own harness serves on
+            self._httpd = ThreadingHTTPServer(("127.0.0.1", 8097), Handler)
+        except OSError:
+            self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
@@ -83,12 +99,38 @@ class _CorpusServer:
         self._httpd.server_close()
 
 
-def expectation_holds(expression: str, parsed) -> bool:
-    env = dict(parsed)
+def expected_field(expression: str, parsed) -> tuple[str, object] | None:
+    """(article field, the value newsbeam must have there) for an expectation about one field of
+    the first entry; None when the expectation is about something newsbeam does not keep."""
+    found = _FIELD_EXPECT.match(expression)
+    if not found:
+        return None
+    name, content_value, literal = found.groups()
     try:
-        return bool(eval(expression, {"datetime": datetime, "time": time}, env))  # the corpus's own checks
-    except Exception:
-        return False
+        value = ast.literal_eval(literal)
+    except (ValueError, SyntaxError):
+        return None
+    if name in _TEXT_FIELDS and isinstance(value, str) and (name == "content") == bool(content_value):
+        text = html_to_text(value)
+        return _TEXT_FIELDS[name], text.replace("\n", " ") if name == "title" else text
+    if name in _EXACT_FIELDS and isinstance(value, str) and not content_value:
+        return _EXACT_FIELDS[name], value
+    if name in _DATE_FIELDS and isinstance(value, tuple) and len(value) == 9:
+        entry = parsed.entries[0] if parsed.entries else {}
+        if name == "updated_parsed" and entry.get("published_parsed"):
+            return None  # newsbeam keeps the published date when an entry has both
+        seconds = calendar.timegm(value)
+        # newsbeam drops placeholder and impossible dates (before 1990, days in the future).
+        plausible = calendar.timegm((1990, 1, 1, 0, 0, 0)) <= seconds <= time.time() + 2 * 86400
+        return "published_at", iso(seconds) if plausible else None
+    return None
+
+
+def article_value(article: dict, field: str) -> object:
+    value = article.get(field)
+    if field == "published_at" and value:
+        return value.replace(".000Z", "Z")
+    return value
 
 
 def test_feedparser_corpus_through_fetch_and_parse():
@@ -97,7 +139,7 @@ def test_feedparser_corpus_through_fetch_and_parse():
     server = _CorpusServer()
     session = new_session(SETTINGS)
     crashes, refused, parsed_ok = [], Counter(), 0
-    kept_total, kept_agree, all_total, all_agree = 0, 0, 0, 0
+    checked, agreed, no_article = Counter(), Counter(), 0
     disagreements: list[str] = []
     started = time.monotonic()
     try:
@@ -118,27 +160,33 @@ def test_feedparser_corpus_through_fetch_and_parse():
                 refused[outcome.reason] += 1
             else:
                 parsed_ok += 1
-            if not expect:
+            if not expect or declares_entities(result.body):
                 continue
-            expression = expect.group(1)
-            holds = (not declares_entities(result.body)) and expectation_holds(expression, parse_document(result))
-            all_total += 1
-            all_agree += holds
-            if _KEPT.search(expression):
-                kept_total += 1
-                kept_agree += holds
-                if not holds:
-                    disagreements.append(f"{relative}: {expression[:120]}")
+            wanted = expected_field(expect.group(1), parse_document(result))
+            if wanted is None:
+                continue
+            if not outcome.articles:  # most corpus entries have neither link nor id: no stable article id
+                no_article += 1
+                continue
+            field, value = wanted
+            checked[field] += 1
+            got = article_value(clean_article(outcome.articles[0]), field)
+            if got == value:
+                agreed[field] += 1
+            else:
+                disagreements.append(f"{relative}: {field} {got!r} != {value!r}")
     finally:
         session.close()
         server.close()
     elapsed = time.monotonic() - started
     print(f"\nfeedparser corpus: {len(files)} files in {elapsed:.0f}s; crashes {len(crashes)}; parsed {parsed_ok}; "
           f"refused {sum(refused.values())} {dict(refused)}")
-    print(f"agreement with Expect on fields we keep: {kept_agree}/{kept_total} = {kept_agree / kept_total:.1%}; "
-          f"on every expectation: {all_agree}/{all_total} = {all_agree / all_total:.1%}")
-    for line in disagreements[:15]:
-        print("  disagrees:", line)
+    total, agree = sum(checked.values()), sum(agreed.values())
+    print(f"newsbeam's article fields against Expect: {agree}/{total} = {agree / total:.1%}; by field: "
+          + ", ".join(f"{field} {agreed[field]}/{checked[field]}" for field in sorted(checked))
+          + f"; {no_article} such files have an entry without link or id, which newsbeam does not index")
+    for line in disagreements[:25]:
+        print("  disagrees:", line[:200])
     assert crashes == [], crashes[:10]
-    assert parsed_ok + sum(refused.values()) == len(files)
-    assert kept_agree / kept_total >= 0.95
+    assert total >= 40
+    assert agree / total >= AGREEMENT_FLOOR
