@@ -45,7 +45,7 @@ _FIELD_EXPECT = re.compile(r"^(?:(?:not )?bozo and )?entries\[0\]\['(\w+)'\](\[0
 _TEXT_FIELDS = {"title": "title", "description": "summary", "summary": "summary", "content": "body"}
 _EXACT_FIELDS = {"link": "url", "id": "guid", "guid": "guid"}
 _DATE_FIELDS = ("published_parsed", "updated_parsed")
-# Measured 45/47: the two misses are ids feedparser resolves against the document URL that
+# The known misses are ids feedparser resolves against the document URL that
 # newsbeam passes (its harness passes none). An upgrade of feedparser that moves this shows here.
 AGREEMENT_FLOOR = 0.95
 SETTINGS = FetchSettings(allow_private_addresses=True, connect_timeout=2, read_timeout=2, total_timeout=5)
