@@ -5,10 +5,12 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from newsbeam.transforms.rules import (
     And,
+    ArticleView,
     Field,
     Not,
     Or,
@@ -186,3 +188,69 @@ def test_a_match_reports_its_terms(corpus, nlp):
     tree = resolve(parse_query('(ventilators OR gowns) AND entity:Russia AND NOT sport'), spacy_lemmatizer(nlp))
     assert [node.label() for node in match(tree, article)] == ["ventilators", "entity:Russia"]
     assert match(tree, next(a for a in corpus if a["article_id"] == "football")) is None
+
+
+def _nested(n: int, pattern: str) -> str:
+    """The deepest shapes a query can take per level of '(' or NOT: two bool levels per '('
+    (an OR around an AND), one per NOT."""
+    if pattern == "parentheses":
+        return "ventilators OR person:Putin (" * n + "mask" + ")" * n
+    if pattern == "not":
+        return "NOT " * n + "person:Putin"
+    return "ventilators OR person:Putin NOT (" * (n // 2) + "mask" + ")" * (n // 2)
+
+
+@pytest.mark.parametrize("pattern", ["parentheses", "not", "mixed"])
+def test_the_deepest_accepted_rule_runs_in_both_back_ends(pattern, corpus, es, settings, nlp):
+    from newsbeam.pipeline.alerts_cli import backfill_query
+    from newsbeam.transforms.rules import MAX_NESTING
+    # With filters (one more AND, an OR) and a --since window (one more bool): all that wraps a query.
+    rule = Rule("deepest", _nested(MAX_NESTING, pattern), sources=("reuters.com", "example.org"))
+    compiled = compile_rule(rule, spacy_lemmatizer(nlp))
+    in_stream = {a["article_id"] for a in corpus if compiled.match(ArticleView(a)) is not None}
+    hits = es.search(index=settings.elasticsearch.articles_alias, query=backfill_query(compiled.es_query(), "3650d"),
+                     size=100, source_includes=["article_id"])["hits"]["hits"]
+    assert in_stream and in_stream == {hit["_source"]["article_id"] for hit in hits}
+    with pytest.raises(RuleSyntaxError, match="nested too deeply"):
+        Rule("deeper", _nested(MAX_NESTING + (2 if pattern == "mixed" else 1), pattern))
+
+
+def test_the_largest_accepted_rule_runs_in_both_back_ends(corpus, es, settings, nlp):
+    from newsbeam.transforms.rules import MAX_TERMS
+    words = sorted({token for a in corpus for token in analyze(a["lemmas"]) if token.isalpha()})[:MAX_TERMS - 2]
+    rule = Rule("largest", " OR ".join(words), languages=("en", "de"))
+    compiled = compile_rule(rule, spacy_lemmatizer(nlp))
+    in_stream = {a["article_id"] for a in corpus if compiled.match(ArticleView(a)) is not None}
+    hits = es.search(index=settings.elasticsearch.articles_alias, query=compiled.es_query(), size=100,
+                     source_includes=["article_id"])["hits"]["hits"]
+    assert in_stream and in_stream == {hit["_source"]["article_id"] for hit in hits}
+    with pytest.raises(RuleSyntaxError, match=f"more than {MAX_TERMS} terms"):
+        Rule("larger", " OR ".join([*words, "x", "y", "z"]))
+    with pytest.raises(RuleError, match=f"more than {MAX_TERMS} terms with its topic"):
+        Rule("larger", " OR ".join(words), topics=("sport", "health", "science"))
+
+
+@pytest.mark.parametrize("query, position", [
+    ("(ventilator AND (" * 8 + "x" + "))" * 8, 85),  # 16 deep: Elasticsearch refused its back-fill
+    ("NOT " * 975 + "ventilator", 40),  # a RecursionError in the stream matcher
+    ("(" * 1500 + "x" + ")" * 1500, 10),  # a RecursionError in the parser
+])
+def test_queries_nested_too_deeply_get_one_clear_error(query, position):
+    with pytest.raises(RuleSyntaxError) as caught:
+        parse_query(query)
+    assert caught.value.problem == "nested too deeply (at most 10 levels of '(' and NOT)"
+    assert caught.value.position == position
+
+
+def test_alerts_add_and_import_refuse_a_rule_too_deep_before_connecting(tmp_path, capsys):
+    from newsbeam.pipeline.cli import main
+    deep = "(ventilator AND (" * 8 + "x" + "))" * 8
+    nowhere = "http://127.0.0.1:9"  # nothing listens: the rule is refused before any request
+    assert main(["alerts", "add", "deep", "--query", deep, "--es-url", nowhere]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(yaml.safe_dump({"alerts": [{"name": "fine", "query": "ventilator"},
+                                                {"name": "deep", "query": "NOT " * 975 + "x"}]}))
+    assert main(["alerts", "import", str(rules), "--es-url", nowhere]) == 2
+    err = capsys.readouterr().err
+    assert "alert #2 (deep): nested too deeply" in err and "Traceback" not in err
