@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
 from newsbeam.transforms.feedstate import FeedState
 from newsbeam.transforms.fetch import FetchError, blocked_address, fetch, new_session
@@ -83,3 +84,64 @@ def test_a_3xx_without_location_counts_against_the_feed_and_is_dead_lettered(ser
     state, articles, dead = apply_outcome(FeedState(url=feed.url), feed, outcome, 60.0, GUARDED)
     assert articles == [] and state.consecutive_failures == 1 and state.error_class == "bad_redirect"
     assert [(d["stage"], d["reason"]) for d in dead] == [("fetch", "bad_redirect")]
+
+
+# ---------------------------------------------------------------- unknown flags
+
+@pytest.mark.parametrize("argv, flag, meant", [
+    (["search", "ventilator", "--limt", "3"], "--limt", "--limit"),
+    (["tag", "--inptu", "x.jsonl"], "--inptu", "--input"),
+    (["eval", "topics", "--mises", "3"], "--mises", "--misses"),
+    (["feeds", "status", "--failng"], "--failng", "--failing"),
+    (["feeds", "import", "list.opml", "--feeds-fiel", "feeds.yaml"], "--feeds-fiel", "--feeds-file"),
+    (["alerts", "list", "--confg", "pipeline.yaml"], "--confg", "--config"),
+    (["alerts", "test", "--qery", "ventilator"], "--qery", "--query"),
+    (["alerts", "remove", "old", "--force"], "--force", None),
+    (["status", "--jsn"], "--jsn", "--json"),
+    (["es", "create-api-key", "--expiry", "90d"], "--expiry", "--expiration"),
+    (["kibana", "setup", "--spce", "news"], "--spce", "--space"),
+    (["--verbsoe", "status"], "--verbsoe", "--verbose"),
+])
+def test_every_subcommand_refuses_a_flag_it_does_not_know(argv, flag, meant, capsys):
+    from newsbeam.pipeline.cli import main
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {flag}" in err
+    assert (f"did you mean {meant}?" in err) if meant else "did you mean" not in err
+
+
+def test_a_misspelt_notify_saves_no_rule(tmp_path, es, es_settings, capsys):
+    from newsbeam.pipeline.cli import main
+    from tests.test_end_to_end import write_config
+    config = write_config(tmp_path, es_settings, poll_interval=5)
+    rules_index = f"{es_settings.articles_alias}-rules"
+    settings = yaml.safe_load(config.read_text())
+    settings.setdefault("alerts", {})["rules_index"] = rules_index
+    config.write_text(yaml.safe_dump(settings))
+    try:
+        with pytest.raises(SystemExit):
+            main(["alerts", "add", "r", "--query", "ventilator", "--notfy", "slack:https://hooks.example.org/T/B",
+                  "--config", str(config)])
+        assert "--notfy: did you mean --notify?" in capsys.readouterr().err
+        assert not es.indices.exists(index=rules_index) or not es.exists(index=rules_index, id="r")
+        # The same line spelt right saves the rule: the refusal above is the misspelling's.
+        assert main(["alerts", "add", "r", "--query", "ventilator", "--notify", "slack:https://hooks.example.org/T/B",
+                     "--config", str(config)]) == 0
+        assert es.get(index=rules_index, id="r")["_source"]["notify"] == ["slack:https://hooks.example.org/T/B"]
+    finally:
+        es.indices.delete(index=rules_index, ignore_unavailable=True)
+
+
+def test_run_refuses_what_neither_newsbeam_nor_beam_knows_and_logs_the_beam_options_it_passes(tmp_path, es_settings):
+    from tests.test_end_to_end import newsbeam, write_config
+    config = write_config(tmp_path, es_settings, poll_interval=5)  # no feeds: the run stops after its checks
+    misspelt = newsbeam("run", "--config", str(config), "--durration", "5", timeout=120)
+    assert misspelt.returncode == 2
+    assert "unrecognized arguments: --durration 5 (--durration: did you mean --duration?)" in misspelt.stderr
+    passed = newsbeam("run", "--config", str(config), "--runner", "PrismRunner", "--prism_location=/nowhere/prism",
+                      "--duration", "5", timeout=120)
+    assert "Beam options passed on: --runner, --prism_location" in passed.stderr
+    assert passed.returncode == 2 and "no feeds" in passed.stderr
+    assert "/nowhere/prism" not in passed.stderr.split("Beam options passed on:")[1].splitlines()[0]
