@@ -6,6 +6,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from newsbeam.transforms.rules import (
@@ -254,3 +257,33 @@ def test_alerts_add_and_import_refuse_a_rule_too_deep_before_connecting(tmp_path
     assert main(["alerts", "import", str(rules), "--es-url", nowhere]) == 2
     err = capsys.readouterr().err
     assert "alert #2 (deep): nested too deeply" in err and "Traceback" not in err
+
+
+_TERMS = ["mask", "ventilators", '"medical equipment"', "person:Putin", "source:reuters.com", "topic:health"]
+# Well-formed queries of any shape and depth, and token soup (mostly malformed).
+_QUERIES = st.one_of(
+    st.recursive(st.sampled_from(_TERMS), lambda inner: st.one_of(
+        st.builds("NOT {}".format, inner),
+        st.builds("({} OR {})".format, inner, inner),
+        st.builds("{} AND {}".format, inner, inner),
+        st.builds("{} OR {} NOT ({})".format, inner, inner, inner),
+        st.builds(lambda n, q: "NOT " * n + q, st.integers(1, 40), inner),
+        st.builds(lambda n, a, q: f"{a} OR {a} (" * n + q + ")" * n, st.integers(1, 20), inner, inner)),
+        max_leaves=30),
+    st.lists(st.sampled_from(["(", ")", "NOT", "AND", "OR", *_TERMS]), min_size=1, max_size=80).map(" ".join))
+
+
+@hypothesis_settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=_QUERIES)
+def test_a_query_is_either_refused_clearly_or_runs_in_both_back_ends(query, es, es_settings):
+    from newsbeam.pipeline.alerts_cli import backfill_query
+    try:
+        rule = Rule("generated", query, sources=("reuters.com", "example.org"))
+    except RuleSyntaxError:
+        return  # one clear error: malformed, too deep or too large
+    compiled = compile_rule(rule, analyze)
+    article = {"lemmas": "mask ventilator medical equipment", "persons": ["Vladimir Putin"], "source": "reuters.com"}
+    compiled.match(ArticleView(article))  # no RecursionError
+    # Elasticsearch parses the whole query (and refuses one too deep with HTTP 400) even over no index.
+    es.count(index=f"{es_settings.articles_alias}-none*", query=backfill_query(compiled.es_query(), "7d"),
+             allow_no_indices=True)
