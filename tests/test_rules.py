@@ -287,3 +287,9 @@ def test_a_query_is_either_refused_clearly_or_runs_in_both_back_ends(query, es, 
     # Elasticsearch parses the whole query (and refuses one too deep with HTTP 400) even over no index.
     es.count(index=f"{es_settings.articles_alias}-none*", query=backfill_query(compiled.es_query(), "7d"),
              allow_no_indices=True)
+
+
+def test_a_rule_file_says_enabled_with_true_or_false_only():
+    with pytest.raises(RuleError, match="enabled must be true or false, got 'false'"):
+        Rule.from_doc({"name": "x", "query": "y", "enabled": "false"})  # was saved enabled
+    assert Rule.from_doc({"name": "x", "query": "y", "enabled": False}).enabled is False

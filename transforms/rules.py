@@ -534,13 +534,15 @@ class Rule:
         if not isinstance(name, str) or not isinstance(doc.get("query"), str):
             raise RuleError(f"{where}: needs a 'name' and a 'query' (strings)")
         digest = doc.get("digest_seconds", doc.get("digest") or 0)
+        if not isinstance(doc.get("enabled", True), bool):  # bool("false") would be True
+            raise RuleError(f"{where}: enabled must be true or false, got {doc['enabled']!r}")
         try:
             return cls(name=name, query=doc["query"],
                        topics=_strings(doc.get("topics", doc.get("topic")), f"{where}: topics"),
                        sources=_strings(doc.get("sources", doc.get("source")), f"{where}: sources"),
                        languages=_strings(doc.get("languages", doc.get("language")), f"{where}: languages"),
                        notify=_strings(doc.get("notify", ["log"]), f"{where}: notify"),
-                       digest_seconds=parse_duration(digest), enabled=bool(doc.get("enabled", True)))
+                       digest_seconds=parse_duration(digest), enabled=doc.get("enabled", True))
         except RuleSyntaxError as err:
             raise RuleSyntaxError(f"{where} ({name}): {err.problem}", err.query, err.position) from None
         except RuleError as err:
