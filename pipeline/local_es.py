@@ -71,9 +71,9 @@ def _zip_path() -> Path:
     return m2 / "org/elasticsearch/distribution/integ-test-zip/elasticsearch" / VERSION / f"elasticsearch-{VERSION}.zip"
 
 
-def _published_checksum(url: str) -> tuple[str, str]:
-    """(algorithm, hex digest) for the file at `url`: Maven Central's .sha512, else its .sha1,
-    else NEWSBEAM_ES_CHECKSUM."""
+def _published_checksum(url: str) -> tuple[str, str, str]:
+    """(algorithm, hex digest, where it came from) for the file at `url`: Maven Central's
+    .sha512, else its .sha1, else NEWSBEAM_ES_CHECKSUM."""
     for algorithm in ("sha512", "sha1"):
         try:
             with urllib.request.urlopen(f"{url}.{algorithm}", timeout=60) as response:
@@ -85,18 +85,18 @@ def _published_checksum(url: str) -> tuple[str, str]:
         except (urllib.error.URLError, OSError) as err:
             raise LocalEsError(f"cannot fetch the checksum {url}.{algorithm}: {err}") from None
         if published:
-            return algorithm, published[0].lower()
+            return algorithm, published[0].lower(), f"{url}.{algorithm}"
     algorithm, _, digest = os.environ.get("NEWSBEAM_ES_CHECKSUM", "").partition(":")
     if algorithm in ("sha512", "sha1") and digest:
-        return algorithm, digest.strip().lower()
+        return algorithm, digest.strip().lower(), "NEWSBEAM_ES_CHECKSUM"
     raise LocalEsError(f"no checksum published for {url} (.sha512 or .sha1); set NEWSBEAM_ES_CHECKSUM="
                        "sha512:HEX to the digest from a source you trust")
 
 
 def verify_archive(archive: Path, url: str) -> str:
     """Checks `archive` against the checksum published for `url`; deletes it and raises
-    LocalEsError when they differ. Returns the algorithm used."""
-    algorithm, expected = _published_checksum(url)
+    LocalEsError when they differ. Returns which checksum it matched."""
+    algorithm, expected, source = _published_checksum(url)
     digest = hashlib.new(algorithm)
     with open(archive, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -104,8 +104,8 @@ def verify_archive(archive: Path, url: str) -> str:
     if digest.hexdigest() != expected:
         archive.unlink()
         raise LocalEsError(f"{archive.name} does not match its published {algorithm} ({digest.hexdigest()} != "
-                           f"{expected}): deleted; run again to download it anew")
-    return algorithm
+                           f"{expected} from {source}): deleted; run again to download it anew")
+    return f"{algorithm} from {source}"
 
 
 def fetch(cache: Path = CACHE, central: str = CENTRAL, maven: str | None = "mvn") -> Path:
@@ -125,7 +125,7 @@ def fetch(cache: Path = CACHE, central: str = CENTRAL, maven: str | None = "mvn"
             archive.parent.mkdir(parents=True, exist_ok=True)
             _say(f"downloading {url}")
             urllib.request.urlretrieve(url, archive)
-    _say(f"{archive.name}: {verify_archive(archive, url)} matches Maven Central's")
+    _say(f"{archive.name} matches its {verify_archive(archive, url)}")
     cache.mkdir(parents=True, exist_ok=True)
     cache.chmod(0o755)
     partial = cache / f".unpack-{os.getpid()}"

@@ -64,7 +64,7 @@ def test_the_sha1_is_used_where_no_sha512_is_published(central, tmp_path):
     archive = tmp_path / "elasticsearch.zip"
     archive.write_bytes(body)
     url = f"{base}{ARTIFACT_PATH}/elasticsearch-{local_es.VERSION}.zip"
-    assert local_es.verify_archive(archive, url) == "sha1"
+    assert local_es.verify_archive(archive, url) == f"sha1 from {url}.sha1"
 
 
 def test_without_a_published_checksum_nothing_is_unpacked_unless_one_is_given(central, tmp_path, monkeypatch):
