@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import faulthandler
 import json
 import logging
@@ -26,6 +27,53 @@ from newsbeam.pipeline.config import (
 )
 
 _LOG = logging.getLogger("newsbeam")
+
+
+def _unknown_flags_message(unknown: list[str], known: list[str]) -> str:
+    """'unrecognized arguments: --notfy slack:… (did you mean --notify?)'."""
+    hints = []
+    for arg in unknown:
+        if arg.startswith("-"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+            hints += [f"{arg.split('=', 1)[0]}: did you mean {close[0]}?"] if close else []
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
+class _StrictParser(argparse.ArgumentParser):
+    """Refuses arguments it does not know, naming the closest flag it does, so a misspelt
+    option fails instead of being dropped. `passes_through` (only `run`) collects them for Beam."""
+
+    def __init__(self, *args: Any, passes_through: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._passes_through = passes_through
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if self._passes_through:
+            return namespace, []  # `run` hands them to Beam, which checks them (`check_beam_args`)
+        if unknown:
+            self.error(_unknown_flags_message(unknown, list(self._option_string_actions)))
+        return namespace, unknown
+
+
+def check_beam_args(argv: list[str]) -> list[str]:
+    """The Beam options among `newsbeam run`'s arguments (names only: values may be secret);
+    raises ConfigError for any argument neither newsbeam nor Beam knows."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from newsbeam.pipeline.options import NewsbeamOptions
+
+    parsers: list[argparse.ArgumentParser] = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)  # the parser of every Beam option
+    known = [flag for action in parsers[0]._actions for flag in action.option_strings]
+    _, unknown = parsers[0].parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"run: {_unknown_flags_message(unknown, known)}")
+    ours = argparse.ArgumentParser(add_help=False)
+    NewsbeamOptions._add_argparse_args(ours)
+    newsbeam_flags = set(ours._option_string_actions)
+    given = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    return list(dict.fromkeys(flag for flag in given if flag in known and flag not in newsbeam_flags))
 
 
 def _settings_for_run(options) -> Settings:
@@ -108,6 +156,8 @@ def cmd_run(argv: list[str]) -> int:
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: for a run that seems stuck
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     stopped_by = _stop_on_sigterm()
+    passed = check_beam_args(argv)
+    _LOG.info("Beam options passed on: %s", ", ".join(passed) or "none")
     beam_options = PipelineOptions(argv)
     options = beam_options.view_as(NewsbeamOptions)
     runner = beam_options.view_as(StandardOptions).runner
@@ -230,14 +280,15 @@ def cmd_kibana(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="newsbeam", description="Streaming news monitoring with Beam and Elasticsearch")
+    top = _StrictParser(prog="newsbeam", description="Streaming news monitoring with Beam and Elasticsearch")
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = top.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="poll feeds and index enriched articles (streaming Beam pipeline)",
-                         description="Any Beam option (--runner, --direct_num_workers, --prism_location, ...) "
-                                     "passes through. Flags: --config PATH --feed URL --feeds-file PATH "
-                                     "--es-url URL --duration SECONDS --poll-interval SECONDS")
-    run.add_argument("beam_args", nargs=argparse.REMAINDER)
+    sub.add_parser("run", help="poll feeds and index enriched articles (streaming Beam pipeline)",
+                   description="Any Beam option (--runner, --direct_num_workers, --prism_location, ...) "
+                               "passes through. Flags: --config PATH --feed URL --feeds-file PATH "
+                               "--es-url URL --duration SECONDS --poll-interval SECONDS; "
+                               "an argument neither newsbeam nor Beam knows is refused",
+                   passes_through=True)
     tag = sub.add_parser("tag", help='add entities and topics to JSON lines {"id", "title", "text"}')
     tag.add_argument("--input", default="-", help="JSON lines file, or - for stdin")
     tag.add_argument("--output", default="-", help="output file, or - for stdout")
@@ -285,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args, _ = parser().parse_known_args(argv)
+    args = parser().parse_args(argv)
     # force: importing Beam (while building the parser) may already have configured the root logger.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

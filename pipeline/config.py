@@ -24,6 +24,7 @@ from newsbeam.transforms.settings import (  # noqa: F401 (re-exported)
     NlpSettings,
     Settings,
     SmtpSettings,
+    is_positive_number,
     load_yaml,
 )
 
@@ -47,16 +48,34 @@ def _section(cls: type, raw: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
         elif default == AUTO:
-            if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ConfigError(f"{where}.{key} must be 'auto' or a number >= 0, got {value!r}")
+            if value != AUTO and not (_is_whole(value) and value >= 0):
+                raise ConfigError(f"{where}.{key} must be 'auto' or a whole number >= 0, got {value!r}")
+            value = value if value == AUTO else int(value)
         elif isinstance(default, (int, float)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            if not is_positive_number(value):
                 raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
+            if isinstance(default, int) and not _is_whole(value):  # int(2.5) would quietly be 2
+                raise ConfigError(f"{where}.{key} must be a whole number, got {value!r}")
             value = type(default)(value)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+        elif isinstance(default, str) or (default is None and value is not None):
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
         values[key] = value
     return cls(**values)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
+def _file_name(raw: dict[str, Any], key: str, path: Path) -> str | None:
+    value = raw.get(key)
+    if value is not None and not (isinstance(value, str) and value.strip()):
+        raise ConfigError(f"{path}: {key} must be a file name, got {value!r}")
+    return value
+
+
+_FEED_KEYS = tuple(field.name for field in dataclasses.fields(Feed))
 
 
 def load_feeds(path: Path) -> tuple[Feed, ...]:
@@ -71,10 +90,12 @@ def load_feeds(path: Path) -> tuple[Feed, ...]:
             item = {"url": item}
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"{path}: feed #{number} needs a 'url'")
+        unknown = [key for key in item if key not in _FEED_KEYS]
+        if unknown:
+            raise ConfigError(f"{path}: feed #{number}: unknown key(s) {', '.join(map(str, unknown))}; "
+                              f"known: {', '.join(_FEED_KEYS)}")
         try:
-            feeds.append(Feed(url=str(item["url"]), name=str(item.get("name", "")),
-                              publisher=str(item.get("publisher", "")),
-                              poll_interval=item.get("poll_interval"), full_text=item.get("full_text", False)))
+            feeds.append(Feed(**item))
         except ConfigError as err:
             raise ConfigError(f"{path}: feed #{number}: {err}") from None
     return tuple(feeds)
@@ -119,10 +140,11 @@ def load_settings(path: Path | str | None = None) -> Settings:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     base = path.parent
     poll_interval = raw.get("poll_interval", Settings.poll_interval)
-    if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
-        raise ConfigError(f"{path}: poll_interval must be a positive number of seconds")
-    feeds = load_feeds(base / raw["feeds_file"]) if raw.get("feeds_file") else ()
-    topics_file = base / raw.get("topics_file", "topics.yaml")
+    if not is_positive_number(poll_interval):
+        raise ConfigError(f"{path}: poll_interval must be a positive number of seconds, got {poll_interval!r}")
+    feeds_file = _file_name(raw, "feeds_file", path)
+    feeds = load_feeds(base / feeds_file) if feeds_file else ()
+    topics_file = base / (_file_name(raw, "topics_file", path) or "topics.yaml")
     es = _section(ElasticsearchSettings, raw.get("elasticsearch"), f"{path}: elasticsearch")
     if os.environ.get("ELASTICSEARCH_URL"):
         es = dataclasses.replace(es, url=os.environ["ELASTICSEARCH_URL"])

@@ -9,16 +9,23 @@ Standard library only: it runs before anything else is installed. The zip is the
 server (transport + x-pack core/security); it needs Java 21+ (`ES_JAVA_HOME`, or a JDK
 found in /usr/lib/jvm) and refuses to run as root, so as root it runs as the system user
 `elasticsearch`, created when missing.
+
+The zip is unpacked only once it matches the checksum Maven Central publishes beside it
+(.sha512, else .sha1); where that file cannot be fetched, NEWSBEAM_ES_CHECKSUM=sha512:HEX
+(or sha1:HEX) names it. With --security the users get a random password, kept in the
+instance's instance.json (mode 0600). `stop` signals only the Elasticsearch of that folder.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -64,25 +71,64 @@ def _zip_path() -> Path:
     return m2 / "org/elasticsearch/distribution/integ-test-zip/elasticsearch" / VERSION / f"elasticsearch-{VERSION}.zip"
 
 
-def fetch() -> Path:
-    """Returns the unpacked distribution, downloading it through Maven once."""
-    home = CACHE / f"elasticsearch-{VERSION}"
+def _published_checksum(url: str) -> tuple[str, str, str]:
+    """(algorithm, hex digest, where it came from) for the file at `url`: Maven Central's
+    .sha512, else its .sha1, else NEWSBEAM_ES_CHECKSUM."""
+    for algorithm in ("sha512", "sha1"):
+        try:
+            with urllib.request.urlopen(f"{url}.{algorithm}", timeout=60) as response:
+                published = response.read(4096).decode("ascii", "replace").split()
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                continue
+            raise LocalEsError(f"cannot fetch the checksum {url}.{algorithm}: HTTP {err.code}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise LocalEsError(f"cannot fetch the checksum {url}.{algorithm}: {err}") from None
+        if published:
+            return algorithm, published[0].lower(), f"{url}.{algorithm}"
+    algorithm, _, digest = os.environ.get("NEWSBEAM_ES_CHECKSUM", "").partition(":")
+    if algorithm in ("sha512", "sha1") and digest:
+        return algorithm, digest.strip().lower(), "NEWSBEAM_ES_CHECKSUM"
+    raise LocalEsError(f"no checksum published for {url} (.sha512 or .sha1); set NEWSBEAM_ES_CHECKSUM="
+                       "sha512:HEX to the digest from a source you trust")
+
+
+def verify_archive(archive: Path, url: str) -> str:
+    """Checks `archive` against the checksum published for `url`; deletes it and raises
+    LocalEsError when they differ. Returns which checksum it matched."""
+    algorithm, expected, source = _published_checksum(url)
+    digest = hashlib.new(algorithm)
+    with open(archive, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        archive.unlink()
+        raise LocalEsError(f"{archive.name} does not match its published {algorithm} ({digest.hexdigest()} != "
+                           f"{expected} from {source}): deleted; run again to download it anew")
+    return f"{algorithm} from {source}"
+
+
+def fetch(cache: Path = CACHE, central: str = CENTRAL, maven: str | None = "mvn") -> Path:
+    """Returns the unpacked distribution, downloading it (through Maven when `maven` is on
+    the PATH) and checking it against Maven Central's published checksum before unpacking."""
+    home = cache / f"elasticsearch-{VERSION}"
     if (home / "bin" / "elasticsearch").exists():
         return home
     archive = _zip_path()
+    url = f"{central}/org/elasticsearch/distribution/integ-test-zip/elasticsearch/{VERSION}/{archive.name}"
     if not archive.exists():
-        if shutil.which("mvn"):
+        if maven and shutil.which(maven):
             _say(f"downloading {ARTIFACT} with Maven (cached in ~/.m2)")
-            subprocess.run(["mvn", "-q", "-B", "dependency:get", f"-Dartifact={ARTIFACT}", "-Dtransitive=false"],
+            subprocess.run([maven, "-q", "-B", "dependency:get", f"-Dartifact={ARTIFACT}", "-Dtransitive=false"],
                            check=True)
         else:
             archive.parent.mkdir(parents=True, exist_ok=True)
-            url = f"{CENTRAL}/org/elasticsearch/distribution/integ-test-zip/elasticsearch/{VERSION}/{archive.name}"
             _say(f"downloading {url}")
             urllib.request.urlretrieve(url, archive)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    CACHE.chmod(0o755)
-    partial = CACHE / f".unpack-{os.getpid()}"
+    _say(f"{archive.name} matches its {verify_archive(archive, url)}")
+    cache.mkdir(parents=True, exist_ok=True)
+    cache.chmod(0o755)
+    partial = cache / f".unpack-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     subprocess.run(["unzip", "-q", str(archive), "-d", str(partial)], check=True)
     (partial / f"elasticsearch-{VERSION}").rename(home)
@@ -147,7 +193,12 @@ class Instance:
             return json.loads(response.read() or b"{}")
 
     def save(self) -> None:
-        (self.directory / "instance.json").write_text(json.dumps(dataclasses.asdict(self), default=str))
+        """instance.json, readable by its owner only: it holds the superuser's password."""
+        path = self.directory / "instance.json"
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(handle, 0o600)  # a file made before keeps its old mode otherwise
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(dataclasses.asdict(self), default=str))
 
     @classmethod
     def load(cls, directory: Path) -> Instance:
@@ -167,13 +218,25 @@ def _run_as_user() -> list[str]:
     return ["runuser", "-u", RUN_AS, "--"]
 
 
+def _is_our_elasticsearch(pid: int, directory: Path) -> bool:
+    """Whether `pid` is an Elasticsearch server whose config folder is `directory`'s: a stale
+    pid file may name any process by now."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    server = any(part.endswith(b"org.elasticsearch.bootstrap.Elasticsearch") for part in command)
+    return server and f"ES_PATH_CONF={directory / 'config'}".encode() in environment
+
+
 def running_pid(directory: Path) -> int | None:
+    """The pid of this folder's Elasticsearch, or None (no pid file, or it names another process)."""
     try:
         pid = int((directory / "es.pid").read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError):
         return None
+    return pid if _is_our_elasticsearch(pid, directory.resolve()) else None
 
 
 def _make_certificates(home: Path, config: Path, env: dict[str, str]) -> Path:
@@ -194,11 +257,13 @@ def _make_certificates(home: Path, config: Path, env: dict[str, str]) -> Path:
 
 
 def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = False, heap: str = "512m",
-          username: str = "newsbeam-admin", password: str = "newsbeam-secret", timeout: float = 180.0,
+          username: str = "newsbeam-admin", password: str | None = None, timeout: float = 180.0,
           tls: bool = False) -> Instance:
     """Starts a single-node server bound to 127.0.0.1 and waits for yellow/green health.
-    `tls` serves HTTPS with a CA made by elasticsearch-certutil (implies `security`)."""
+    `tls` serves HTTPS with a CA made by elasticsearch-certutil (implies `security`); the
+    users' password is random unless given."""
     security = security or tls
+    password = password or secrets.token_urlsafe(24)
     home = fetch()
     directory = directory.resolve()
     if running_pid(directory):
@@ -241,8 +306,12 @@ def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = Fals
         (config / "roles.yml").write_text(WRITER_ROLE)
         users = str(home / "bin" / "elasticsearch-users")
         for name, role in ((username, "superuser"), (WRITER_USER, "newsbeam_writer")):
-            subprocess.run([users, "useradd", name, "-p", password, "-r", role], env=env, check=False,
-                           capture_output=True)
+            # A folder started before has the user with an older password: replace it.
+            subprocess.run([users, "userdel", name], env=env, check=False, capture_output=True)
+            added = subprocess.run([users, "useradd", name, "-p", password, "-r", role], env=env, check=False,
+                                   capture_output=True, text=True)
+            if added.returncode:  # not CalledProcessError: its message would show the password
+                raise LocalEsError(f"elasticsearch-users useradd {name} failed: {added.stdout[-500:]}")
     if prefix:
         subprocess.run(["chown", "-R", RUN_AS, str(directory)], check=True)
     _say(f"starting Elasticsearch {VERSION} on {instance.url} (data in {directory})")
@@ -279,7 +348,8 @@ def wait(instance: Instance, timeout: float = 180.0) -> None:
 def stop(directory: Path = DEFAULT_DIR, timeout: float = 60.0) -> None:
     pid = running_pid(directory.resolve())
     if not pid:
-        _say("not running")
+        stale = (directory / "es.pid").exists()
+        _say("not running" + (" (the pid file names no Elasticsearch of this folder: left alone)" if stale else ""))
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

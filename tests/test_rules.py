@@ -5,10 +5,15 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from newsbeam.transforms.rules import (
     And,
+    ArticleView,
     Field,
     Not,
     Or,
@@ -186,3 +191,105 @@ def test_a_match_reports_its_terms(corpus, nlp):
     tree = resolve(parse_query('(ventilators OR gowns) AND entity:Russia AND NOT sport'), spacy_lemmatizer(nlp))
     assert [node.label() for node in match(tree, article)] == ["ventilators", "entity:Russia"]
     assert match(tree, next(a for a in corpus if a["article_id"] == "football")) is None
+
+
+def _nested(n: int, pattern: str) -> str:
+    """The deepest shapes a query can take per level of '(' or NOT: two bool levels per '('
+    (an OR around an AND), one per NOT."""
+    if pattern == "parentheses":
+        return "ventilators OR person:Putin (" * n + "mask" + ")" * n
+    if pattern == "not":
+        return "NOT " * n + "person:Putin"
+    return "ventilators OR person:Putin NOT (" * (n // 2) + "mask" + ")" * (n // 2)
+
+
+@pytest.mark.parametrize("pattern", ["parentheses", "not", "mixed"])
+def test_the_deepest_accepted_rule_runs_in_both_back_ends(pattern, corpus, es, settings, nlp):
+    from newsbeam.pipeline.alerts_cli import backfill_query
+    from newsbeam.transforms.rules import MAX_NESTING
+    # With filters (one more AND, an OR) and a --since window (one more bool): all that wraps a query.
+    rule = Rule("deepest", _nested(MAX_NESTING, pattern), sources=("reuters.com", "example.org"))
+    compiled = compile_rule(rule, spacy_lemmatizer(nlp))
+    in_stream = {a["article_id"] for a in corpus if compiled.match(ArticleView(a)) is not None}
+    hits = es.search(index=settings.elasticsearch.articles_alias, query=backfill_query(compiled.es_query(), "3650d"),
+                     size=100, source_includes=["article_id"])["hits"]["hits"]
+    assert in_stream and in_stream == {hit["_source"]["article_id"] for hit in hits}
+    with pytest.raises(RuleSyntaxError, match="nested too deeply"):
+        Rule("deeper", _nested(MAX_NESTING + (2 if pattern == "mixed" else 1), pattern))
+
+
+def test_the_largest_accepted_rule_runs_in_both_back_ends(corpus, es, settings, nlp):
+    from newsbeam.transforms.rules import MAX_TERMS
+    words = sorted({token for a in corpus for token in analyze(a["lemmas"]) if token.isalpha()})[:MAX_TERMS - 2]
+    rule = Rule("largest", " OR ".join(words), languages=("en", "de"))
+    compiled = compile_rule(rule, spacy_lemmatizer(nlp))
+    in_stream = {a["article_id"] for a in corpus if compiled.match(ArticleView(a)) is not None}
+    hits = es.search(index=settings.elasticsearch.articles_alias, query=compiled.es_query(), size=100,
+                     source_includes=["article_id"])["hits"]["hits"]
+    assert in_stream and in_stream == {hit["_source"]["article_id"] for hit in hits}
+    with pytest.raises(RuleSyntaxError, match=f"more than {MAX_TERMS} terms"):
+        Rule("larger", " OR ".join([*words, "x", "y", "z"]))
+    with pytest.raises(RuleError, match=f"more than {MAX_TERMS} terms with its topic"):
+        Rule("larger", " OR ".join(words), topics=("sport", "health", "science"))
+
+
+@pytest.mark.parametrize("query, position", [
+    ("mask OR gown (" * 16 + "x" + ")" * 16, 153),  # 16 deep: Elasticsearch refused its back-fill
+    ("NOT " * 975 + "ventilator", 40),  # a RecursionError in the stream matcher
+    ("(" * 1500 + "x" + ")" * 1500, 10),  # a RecursionError in the parser
+])
+def test_queries_nested_too_deeply_get_one_clear_error(query, position):
+    with pytest.raises(RuleSyntaxError) as caught:
+        parse_query(query)
+    assert caught.value.problem == "nested too deeply (at most 10 levels of '(' and NOT)"
+    assert caught.value.position == position
+
+
+def test_alerts_add_and_import_refuse_a_rule_too_deep_before_connecting(tmp_path, capsys):
+    from newsbeam.pipeline.cli import main
+    deep = "mask OR gown (" * 16 + "x" + ")" * 16
+    nowhere = "http://127.0.0.1:9"  # nothing listens: the rule is refused before any request
+    assert main(["alerts", "add", "deep", "--query", deep, "--es-url", nowhere]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(yaml.safe_dump({"alerts": [{"name": "fine", "query": "ventilator"},
+                                                {"name": "deep", "query": "NOT " * 975 + "x"}]}))
+    assert main(["alerts", "import", str(rules), "--es-url", nowhere]) == 2
+    err = capsys.readouterr().err
+    assert "alert #2 (deep): nested too deeply" in err and "Traceback" not in err
+
+
+_TERMS = ["mask", "ventilators", '"medical equipment"', "person:Putin", "source:reuters.com", "topic:health"]
+# Well-formed queries of any shape and depth, and token soup (mostly malformed).
+_QUERIES = st.one_of(
+    st.recursive(st.sampled_from(_TERMS), lambda inner: st.one_of(
+        st.builds("NOT {}".format, inner),
+        st.builds("({} OR {})".format, inner, inner),
+        st.builds("{} AND {}".format, inner, inner),
+        st.builds("{} OR {} NOT ({})".format, inner, inner, inner),
+        st.builds(lambda n, q: "NOT " * n + q, st.integers(1, 40), inner),
+        st.builds(lambda n, a, q: f"{a} OR {a} (" * n + q + ")" * n, st.integers(1, 20), inner, inner)),
+        max_leaves=30),
+    st.lists(st.sampled_from(["(", ")", "NOT", "AND", "OR", *_TERMS]), min_size=1, max_size=80).map(" ".join))
+
+
+@hypothesis_settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=_QUERIES)
+def test_a_query_is_either_refused_clearly_or_runs_in_both_back_ends(query, es, es_settings):
+    from newsbeam.pipeline.alerts_cli import backfill_query
+    try:
+        rule = Rule("generated", query, sources=("reuters.com", "example.org"))
+    except RuleSyntaxError:
+        return  # one clear error: malformed, too deep or too large
+    compiled = compile_rule(rule, analyze)
+    article = {"lemmas": "mask ventilator medical equipment", "persons": ["Vladimir Putin"], "source": "reuters.com"}
+    compiled.match(ArticleView(article))  # no RecursionError
+    # Elasticsearch parses the whole query (and refuses one too deep with HTTP 400) even over no index.
+    es.count(index=f"{es_settings.articles_alias}-none*", query=backfill_query(compiled.es_query(), "7d"),
+             allow_no_indices=True)
+
+
+def test_a_rule_file_says_enabled_with_true_or_false_only():
+    with pytest.raises(RuleError, match="enabled must be true or false, got 'false'"):
+        Rule.from_doc({"name": "x", "query": "y", "enabled": "false"})  # was saved enabled
+    assert Rule.from_doc({"name": "x", "query": "y", "enabled": False}).enabled is False

@@ -6,8 +6,10 @@ its own hints (RSS `ttl`, `sy:updatePeriod`/`sy:updateFrequency`, `Cache-Control
 or a server's `Retry-After` allow; feeds that rarely change are polled less and less often
 (after two unchanged polls, 1.5x more each time, up to `fetch.unchanged_backoff_max` times
 their interval); failing feeds back off exponentially and, after `dead_after` failures in a row, are flagged dead and tried only every `dead_retry_interval`, coming back
-by themselves on the first success. The validators (ETag, Last-Modified, body hash) live in
-the health document, so they survive restarts.
+by themselves on the first success. The schedule, back-off and validators (ETag,
+Last-Modified, body hash) live in the health document, so they survive restarts; a restarted
+run's first poll of a feed is unconditional (`FeedState.validators`), so no article parsed
+before a crash is lost.
 """
 from __future__ import annotations
 
@@ -58,11 +60,20 @@ class FeedState:
     last_modified: str | None = None
     body_hash: str | None = None
     items_hash: str | None = None  # of the item ids: a new lastBuildDate alone is no change
-    # Short ids of the items of the last parse: only new items go downstream (not persisted:
-    # after a restart the exact-duplicate check catches the old ones).
-    item_ids: frozenset[str] = frozenset()
+    # Short ids of the items of this run's last parse: only new items go downstream. None until
+    # this run parsed the feed (not persisted: see `validators`).
+    item_ids: frozenset[str] | None = None
     hint: float | None = None  # seconds the feed or its server asked for
     final_url: str | None = None
+
+    def validators(self) -> tuple[str | None, str | None, str | None]:
+        """(ETag, Last-Modified, body hash) for the next poll; none until this run has parsed the
+        feed. Parsed articles in flight die with a killed run, and the stored validators cannot
+        tell which got downstream; so a restarted run fetches and parses each feed whole once,
+        and the articles index decides what is new (the exact-duplicate check)."""
+        if self.item_ids is None:
+            return None, None, None
+        return self.etag, self.last_modified, self.body_hash
 
     def interval(self, feed: Feed, default_interval: float, settings: FetchSettings) -> float:
         """The base interval: configured, raised (never lowered) by the feed's own hints."""

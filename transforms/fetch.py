@@ -50,8 +50,9 @@ FEED_ACCEPT = ("application/rss+xml, application/atom+xml, application/rdf+xml, 
 
 class FetchError(Exception):
     """A URL could not be fetched. `kind` is a short class for feed health and dead letters:
-    dns, tls, timeout, connection, redirects, blocked_address, bad_url, http_4xx, http_5xx,
-    too_large, bad_encoding. `retry_after` is the server's hint in seconds, when it gave one."""
+    dns, tls, timeout, connection, redirects, bad_redirect (a 3xx we cannot follow),
+    blocked_address, bad_url, http_4xx, http_5xx, too_large, bad_encoding. `retry_after` is
+    the server's hint in seconds, when it gave one."""
 
     def __init__(self, kind: str, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(f"{kind}: {message}")
@@ -73,14 +74,39 @@ class FetchResult:
 
 # ---------------------------------------------------------------- addresses
 
+# IPv6 forms that only wrap an IPv4 address (the IPv4 address is the real destination):
+# IPv4-compatible ::a.b.c.d (:: and ::1 included), IPv4-translated ::ffff:0:a.b.c.d and
+# the NAT64 well-known prefix. IPv4-mapped (::ffff:a.b.c.d) is `ipaddress`'s `ipv4_mapped`.
+_WRAPPING_IPV4 = tuple(ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
+# Local-use NAT64 (RFC 8215): translation inside a private network, wherever the IPv4 sits.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not ip.is_multicast
+
+
+def _wrapped_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if any(ip in network for network in _WRAPPING_IPV4):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def blocked_address(address: str) -> bool:
     """True for anything but a public unicast address: private, loopback, link-local
     (169.254.169.254 metadata), shared (100.64/10), reserved, unspecified, multicast,
-    unique-local IPv6 (fd00:ec2::254 metadata), and IPv4-mapped forms of those."""
+    unique-local IPv6 (fd00:ec2::254 metadata), and the IPv6 forms that carry such an IPv4
+    address: IPv4-mapped, -compatible and -translated, NAT64, 6to4 and Teredo."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return not ip.is_global or ip.is_multicast
+    if isinstance(ip, ipaddress.IPv4Address):
+        return not _is_public(ip)
+    wrapped = _wrapped_ipv4(ip)
+    if wrapped is not None:  # the IPv6 address is only a wrapper: the IPv4 address is where it goes
+        return not _is_public(wrapped)
+    tunnelled = [v4 for v4 in (ip.sixtofour, *(ip.teredo or ())) if v4 is not None]
+    return ip in _LOCAL_NAT64 or not _is_public(ip) or not all(map(_is_public, tunnelled))
 
 
 def check_url(url: str, allow_private: bool) -> None:
@@ -364,13 +390,17 @@ def fetch(session: GuardedSession, feed: Feed, settings: FetchSettings, etag: st
             with session.get(url, headers=headers, stream=True, allow_redirects=False,
                              timeout=(settings.connect_timeout, settings.read_timeout)) as response:
                 status = response.status_code
-                if status in _REDIRECTS and response.headers.get("Location"):
-                    url = urljoin(url, response.headers["Location"].strip())
+                location = response.headers.get("Location", "").strip()
+                if status in _REDIRECTS and location:
+                    url = urljoin(url, location)
                     continue
                 response_headers = {k.lower(): v for k, v in response.headers.items()}
                 if status == 304:
                     return FetchResult(feed, url, 304, response_headers, b"", time.time(),
                                        time.monotonic() - started)
+                if 300 <= status < 400:  # a redirect we cannot follow is no feed
+                    why = "not a redirect we follow" if location else "no Location header to follow"
+                    raise FetchError("bad_redirect", f"HTTP {status} from {url}: {why}", status=status)
                 if status >= 400 or status < 200:
                     kind = "http_4xx" if 400 <= status < 500 else "http_5xx" if status >= 500 else "http_other"
                     raise FetchError(kind, f"HTTP {status} from {url}", status=status,

@@ -112,11 +112,12 @@ def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_in
     late = now - due if due is not None else 0.0
     if 0.0 < late < state.next_due - now:  # a poll later than a whole interval starts a new rhythm
         state = dataclasses.replace(state, next_due=state.next_due - late)
-    if parsed is None or not changed:
+    if parsed is None or (not changed and state_before.item_ids is not None):
         return state, [], []
     # Only items new since the last parse go downstream: a busy feed re-lists the same 50 items
-    # each poll, and they would take NLP budget (and a dedupe lookup) for nothing.
-    seen = state_before.item_ids
+    # each poll, and they would take NLP budget (and a dedupe lookup) for nothing. A run's first
+    # parse sends all: which of them the index holds is for the duplicate check to say.
+    seen = state_before.item_ids or frozenset()
     state = dataclasses.replace(state, item_ids=frozenset(short_id(a) for a in parsed.articles))
     return state, [a for a in parsed.articles if short_id(a) not in seen], []
 
@@ -129,8 +130,8 @@ class PollShardFn(beam.DoFn):
     """Keyed by shard: `(shard, feeds)` on every tick -> articles, health docs, dead letters."""
 
     STATES = ReadModifyWriteStateSpec("feed_states", PickleCoder())
-    # Articles parsed but not yet handed downstream (see `Budget`); in state, so a restart
-    # does not lose articles whose feed state already counts them as seen.
+    # Articles parsed but not yet handed downstream (see `Budget`). A restart that loses this
+    # state loses no article: its first poll of each feed parses it whole (FeedState.validators).
     BACKLOG = ReadModifyWriteStateSpec("backlog", PickleCoder())
 
     def __init__(self, settings: FetchSettings, es_settings: ElasticsearchSettings, default_interval: float,
@@ -181,9 +182,11 @@ class PollShardFn(beam.DoFn):
                 outcome.parsed = ParsedFeed([], f"parser failed: {type(err).__name__}: {err}", "unparseable_feed")
             done.set_result(outcome)
 
+        etag, last_modified, digest = state.validators()
+
         def fetched(future: concurrent.futures.Future) -> None:
             outcome: PollOutcome = future.result()
-            if not needs_parse(outcome, state.body_hash):
+            if not needs_parse(outcome, digest):
                 done.set_result(outcome)
                 return
             try:
@@ -193,8 +196,8 @@ class PollShardFn(beam.DoFn):
             except (concurrent.futures.CancelledError, RuntimeError):  # shutting down
                 done.cancel()
 
-        self._executor.submit(host_of(feed.url), poll_one, self._session, feed, state.etag, state.last_modified,
-                              state.body_hash, self._settings, False).add_done_callback(fetched)
+        self._executor.submit(host_of(feed.url), poll_one, self._session, feed, etag, last_modified, digest,
+                              self._settings, False).add_done_callback(fetched)
         return done
 
     def start_bundle(self) -> None:

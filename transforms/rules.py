@@ -19,6 +19,8 @@ The query language (documented for users in the README, "Alerts"):
   entity name: `entity:"Vladimir Putin"`), `person:`, `org:`, `location:` (a whole word or
   words of the name: `person:Putin` finds "Vladimir Putin"), `source:` (the feed's host or
   a parent domain: `source:reuters.com` finds feeds.reuters.com), `language:` (`en`).
+* Limits (MAX_NESTING, MAX_TERMS, MAX_QUERY_CHARS): up to 10 levels of '(' and NOT, 100
+  terms with the rule's filters, 4000 characters; a rule beyond them is refused when saved.
 
 One AST, two back-ends that must agree: `matches()` over an enriched article dict (the
 stream) and `to_elasticsearch()` (back-fill over the articles index). Both see lemmas the
@@ -48,6 +50,12 @@ _WORD_ENDS = _QUOTES | {"(", ")"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Limits on a query, so that whatever the parser accepts runs in both back-ends: each level
+# of '(' or NOT costs the Elasticsearch query up to two levels of bool (its default
+# indices.query.bool.max_nested_depth is 30), and terms become clauses.
+MAX_NESTING = 10
+MAX_TERMS = 100  # words, phrases and field:value filters, the rule's --topic/--source/--language included
+MAX_QUERY_CHARS = 4000
 
 # Elasticsearch's `standard` tokenizer (Unicode word boundaries, UAX #29), as far as news
 # lemmas need it: letters, digits and combining marks run together; '.', apostrophes and ':'
@@ -197,12 +205,18 @@ class _Parser:
 
     def __init__(self, query: str):
         self._query = query
+        if len(query) > MAX_QUERY_CHARS:
+            raise RuleSyntaxError(f"longer than {MAX_QUERY_CHARS} characters", query, MAX_QUERY_CHARS)
         self._tokens = _tokens(query)
         self._i = 0
+        self._nesting = 0
 
     def parse(self) -> Node:
         if not self._tokens:
             raise RuleSyntaxError("empty query", self._query, 0)
+        terms = [token for token in self._tokens if token.kind in ("WORD", "PHRASE", "FIELD")]
+        if len(terms) > MAX_TERMS:
+            raise RuleSyntaxError(f"more than {MAX_TERMS} terms", self._query, terms[MAX_TERMS].position)
         node = self._or()
         if self._i < len(self._tokens):
             token = self._tokens[self._i]
@@ -246,24 +260,34 @@ class _Parser:
         if token.kind == ")":
             raise RuleSyntaxError("')' without a matching '('", self._query, token.position)
         self._i += 1
-        if token.kind == "NOT":
-            self._operand_after(token)
-            return Not(self._unary())
-        if token.kind == "(":
-            if (inner := self._peek()) is not None and inner.kind == ")":
-                raise RuleSyntaxError("empty parentheses", self._query, token.position)
-            self._operand_after(token)
-            node = self._or()
-            closing = self._peek()
-            if closing is None or closing.kind != ")":
-                raise RuleSyntaxError("this '(' is never closed", self._query, token.position)
-            self._i += 1
+        if token.kind in ("NOT", "("):
+            self._nesting += 1
+            if self._nesting > MAX_NESTING:
+                raise RuleSyntaxError(f"nested too deeply (at most {MAX_NESTING} levels of '(' and NOT)",
+                                      self._query, token.position)
+            node = self._negation(token) if token.kind == "NOT" else self._group(token)
+            self._nesting -= 1
             return node
         if token.kind == "FIELD":
             return Field(token.field, token.text, token.written)
         if not analyze(token.text):
             raise RuleSyntaxError(f"{token.text!r} has no letters or digits to match", self._query, token.position)
         return Words(token.text, quoted=token.kind == "PHRASE")
+
+    def _negation(self, token: _Token) -> Node:
+        self._operand_after(token)
+        return Not(self._unary())
+
+    def _group(self, token: _Token) -> Node:
+        if (inner := self._peek()) is not None and inner.kind == ")":
+            raise RuleSyntaxError("empty parentheses", self._query, token.position)
+        self._operand_after(token)
+        node = self._or()
+        closing = self._peek()
+        if closing is None or closing.kind != ")":
+            raise RuleSyntaxError("this '(' is never closed", self._query, token.position)
+        self._i += 1
+        return node
 
 
 def parse_query(query: str) -> Node:
@@ -474,6 +498,10 @@ class Rule:
         # Stored in canonical form, each target once: the outbox keys deliveries by it.
         object.__setattr__(self, "notify", tuple(dict.fromkeys(str(parse_target(t)) for t in self.notify)))
         self.tree()  # raises RuleSyntaxError for a malformed query
+        filters = len(self.topics) + len(self.sources) + len(self.languages)
+        if filters and count_terms(parse_query(self.query)) + filters > MAX_TERMS:
+            raise RuleError(f"rule {self.name}: more than {MAX_TERMS} terms with its topic, source and "
+                            "language filters")
 
     def targets(self) -> tuple[Target, ...]:
         return tuple(parse_target(t) for t in self.notify)
@@ -506,13 +534,15 @@ class Rule:
         if not isinstance(name, str) or not isinstance(doc.get("query"), str):
             raise RuleError(f"{where}: needs a 'name' and a 'query' (strings)")
         digest = doc.get("digest_seconds", doc.get("digest") or 0)
+        if not isinstance(doc.get("enabled", True), bool):  # bool("false") would be True
+            raise RuleError(f"{where}: enabled must be true or false, got {doc['enabled']!r}")
         try:
             return cls(name=name, query=doc["query"],
                        topics=_strings(doc.get("topics", doc.get("topic")), f"{where}: topics"),
                        sources=_strings(doc.get("sources", doc.get("source")), f"{where}: sources"),
                        languages=_strings(doc.get("languages", doc.get("language")), f"{where}: languages"),
                        notify=_strings(doc.get("notify", ["log"]), f"{where}: notify"),
-                       digest_seconds=parse_duration(digest), enabled=bool(doc.get("enabled", True)))
+                       digest_seconds=parse_duration(digest), enabled=doc.get("enabled", True))
         except RuleSyntaxError as err:
             raise RuleSyntaxError(f"{where} ({name}): {err.problem}", err.query, err.position) from None
         except RuleError as err:
@@ -533,6 +563,15 @@ class CompiledRule:
 
 def compile_rule(rule: Rule, lemmatize: Lemmatizer) -> CompiledRule:
     return CompiledRule(rule, resolve(rule.tree(), lemmatize))
+
+
+def count_terms(node: Node) -> int:
+    """Words, phrases and field filters in a query."""
+    if isinstance(node, (And, Or)):
+        return sum(count_terms(child) for child in node.children)
+    if isinstance(node, Not):
+        return count_terms(node.child)
+    return 1
 
 
 def term_forms(hits: Iterable[Node]) -> list[str]:

@@ -5,6 +5,7 @@ file and the data files that stages load (taxonomy, gazetteer).
 from __future__ import annotations
 
 import dataclasses
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ class ConfigError(ValueError):
     """A user setting is missing or invalid; the message says where."""
 
 
+def is_positive_number(value: Any) -> bool:
+    """A finite number above 0; YAML's `yes` (a bool) and `.nan`/`.inf` are not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Feed:
     url: str
@@ -32,12 +38,15 @@ class Feed:
     full_text: bool = False  # fetch each article's page and extract its main text
 
     def __post_init__(self) -> None:
+        for key in ("url", "name", "publisher"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"feed url {self.url!r} must be an absolute http(s) URL")
-        if self.poll_interval is not None and (isinstance(self.poll_interval, bool) or not isinstance(
-                self.poll_interval, (int, float)) or self.poll_interval <= 0):
-            raise ConfigError(f"feed {self.url}: poll_interval must be a positive number of seconds")
+        if self.poll_interval is not None and not is_positive_number(self.poll_interval):
+            raise ConfigError(f"feed {self.url}: poll_interval must be a positive number of seconds, "
+                              f"got {self.poll_interval!r}")
         if not isinstance(self.full_text, bool):
             raise ConfigError(f"feed {self.url}: full_text must be true or false")
 
