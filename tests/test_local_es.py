@@ -67,7 +67,17 @@ def test_the_sha1_is_used_where_no_sha512_is_published(central, tmp_path):
     assert local_es.verify_archive(archive, url) == f"sha1 from {url}.sha1"
 
 
-def test_without_a_published_checksum_nothing_is_unpacked_unless_one_is_given(central, tmp_path, monkeypatch):
+def test_without_a_published_checksum_the_pinned_digest_decides(central, tmp_path):
+    body = _distribution()  # not the real distribution, so not what the pinned digest names
+    base = _serve(central, body, {})
+    assert local_es.VERSION in local_es.PINNED_SHA512
+    with pytest.raises(local_es.LocalEsError, match="does not match its published sha512 .*pinned"):
+        local_es.fetch(cache=tmp_path / "cache", central=base, maven=None)
+    assert not (tmp_path / "cache" / f"elasticsearch-{local_es.VERSION}").exists()
+
+
+def test_without_any_checksum_nothing_is_unpacked_unless_one_is_given(central, tmp_path, monkeypatch):
+    monkeypatch.setattr(local_es, "PINNED_SHA512", {})
     body = _distribution()
     base = _serve(central, body, {})
     with pytest.raises(local_es.LocalEsError, match="no checksum published .*NEWSBEAM_ES_CHECKSUM"):
