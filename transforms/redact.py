@@ -1,0 +1,28 @@
+"""Secrets out of what newsbeam logs and stores: credentials in URLs, alert target addresses."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user:password@ replaced by ***@ (the rest kept: it says which host)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def scrub(text: str, secrets: tuple[str, ...], replacement: str) -> str:
+    """`text` with every occurrence of each secret (and of its path, which carries a webhook's
+    token) replaced, for error messages that a library built from the secret."""
+    for secret in secrets:
+        if not secret:
+            continue
+        text = text.replace(secret, replacement)
+        path = urlsplit(secret).path if "://" in secret else ""
+        if len(path) > 1:
+            text = text.replace(path, "/…")
+    return text
