@@ -291,6 +291,8 @@ def post_json(url: str, payload: dict[str, Any], headers: dict[str, str], deadli
             "Content-Type": "application/json", "User-Agent": "newsbeam-alerts/0.1", "Connection": "close",
             **headers})
         response = connection.getresponse()
+        if watchdog.expired:  # the socket was shut mid-headers: http.client takes that as their end
+            raise OSError("deadline")
         if 200 <= response.status < 300:
             return
         answer = response.read(_ERROR_BODY_BYTES).decode("utf-8", "replace")
