@@ -357,3 +357,25 @@ def test_a_bounded_run_exits_leaves_undelivered_alerts_pending_and_status_counts
     assert "SECRET" not in status.stdout
     text = newsbeam("status", "--config", str(config))
     assert "2 awaiting delivery (to 1 target(s))" in text.stdout and "backing off" in text.stdout
+
+
+def test_credentials_in_a_feed_url_reach_no_article_feed_health_or_dead_letter():
+    from newsbeam.transforms.deadletter import dead_letter
+    from newsbeam.transforms.feedstate import FeedState, health_doc
+    from newsbeam.transforms.fetch import FetchResult
+    from newsbeam.transforms.parse import parse_dead_letter, read_feed
+    from newsbeam.transforms.settings import Feed
+
+    url = "https://reader:feed-pa55@feeds.example.org/private.xml"
+    feed = Feed(url=url)
+    result = FetchResult(feed, url, 200, {}, rss([fixture_articles()["ventilators"]]), time.time(), 0.1)
+    [article] = read_feed(result, 10).articles
+    stored = json.dumps([
+        article,
+        health_doc(FeedState(url=url, final_url=url, error=f"HTTP 500 from {url}"), feed),
+        dead_letter("fetch", "http_5xx", f"HTTP 500 from {url}", feed_url=url, url=url),
+        parse_dead_letter(dataclasses.replace(result, body=b"<html>"), read_feed(
+            dataclasses.replace(result, body=b"<html>"), 10)),
+    ])
+    assert "feed-pa55" not in stored and "reader" not in stored
+    assert article["feed_url"] == "https://***@feeds.example.org/private.xml"

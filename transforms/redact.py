@@ -1,7 +1,10 @@
 """Secrets out of what newsbeam logs and stores: credentials in URLs, alert target addresses."""
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
 
 
 def redact_url(url: str) -> str:
@@ -13,6 +16,11 @@ def redact_url(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def redact_urls_in(text: str) -> str:
+    """`text` (an error message, say) with the credentials of every URL in it replaced."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def scrub(text: str, secrets: tuple[str, ...], replacement: str) -> str:
