@@ -379,3 +379,22 @@ def test_credentials_in_a_feed_url_reach_no_article_feed_health_or_dead_letter()
     ])
     assert "feed-pa55" not in stored and "reader" not in stored
     assert article["feed_url"] == "https://***@feeds.example.org/private.xml"
+
+
+def test_alerts_stored_with_the_address_get_an_id_and_are_still_delivered(es, alert_settings):
+    """Alert documents written before targets had ids carried the address itself."""
+    with WebhookReceiver() as hook:
+        target = f"webhook:{hook.url(f'/hooks/{SECRET}')}"
+        rule = Rule("vents", "ventilators", notify=(target,))
+        save_rule(es, alert_settings, rule)
+        [alert] = [build_alert(rule, enriched(1), [], time.time())]
+        for record in alert["deliveries"]:
+            del record["target_id"], record["target_label"]
+            record["target"] = target
+        alert["pending_targets"] = [target]
+        es.index(index=alert_settings.alerts.alerts_index, id=alert["alert_id"], document=alert, refresh=True)
+        outbox = Outbox(es, alert_settings.alerts)
+        assert wait_until(lambda: outbox.sweep() or hook.bodies(), timeout=30)
+        assert [body["alert_id"] for body in hook.bodies()] == [alert["alert_id"]]
+    [doc] = alert_docs(es, alert_settings, "vents")
+    assert doc["pending_targets"] == [] and SECRET not in json.dumps(doc)

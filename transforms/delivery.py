@@ -432,6 +432,21 @@ class _Held:
     primary_term: int
 
 
+def _give_targets_ids(alert: dict[str, Any]) -> bool:
+    """Replaces the address in delivery records of older alerts (`target`) by its id and
+    label; True if there were any."""
+    changed = False
+    for record in alert["deliveries"]:
+        if "target" in record and "target_id" not in record:
+            try:
+                target = parse_target(record.pop("target"))
+            except RuleError:
+                target = Target("unknown")
+            record.update(target_id=target_id(target), target_label=target_label(target))
+            changed = True
+    return changed
+
+
 def _claimable(record: dict[str, Any], now: float) -> bool:
     return record["status"] == PENDING and epoch(record.get("claimed_until") or iso(0)) <= now
 
@@ -555,11 +570,18 @@ class Outbox:
 
     def _drop(self, tid: str) -> None:
         """No rule sends to this target any more (removed, or its address changed): its pending
-        deliveries are marked dropped, with the reason, instead of waiting forever."""
+        deliveries are marked dropped, with the reason, instead of waiting forever. Alerts
+        written before targets had ids are first given them (and so their address leaves
+        the alert), then delivered by the next sweep."""
         hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
         self.more = self.more or len(hits) == _PAGE
         now = time.time()
+        dropped: list[str] = []
         for hit in hits:
+            if _give_targets_ids(hit["_source"]):
+                self._write(_Held(hit["_id"], hit["_source"], hit["_seq_no"], hit["_primary_term"]))
+                self.more = True  # sent by the next sweep, at once
+                continue
             claim = self._claim(hit, lambda alert: [r for r in alert["deliveries"]
                                                      if r.get("target_id") == tid and _claimable(r, now)])
             if claim is None:
@@ -567,11 +589,11 @@ class Outbox:
             held, records = claim
             for record in records:
                 record.update(status=DROPPED, last_error="no rule sends to this target any more")
+                dropped.append(record.get("target_label", "?"))
             self._release([held])
-        if hits:
+        if dropped:
             _LOG.warning("alert target %s: no rule names it any more; %d pending alert(s) dropped (see their "
-                         "deliveries.last_error)", hits[0]["_source"]["deliveries"][0].get("target_label", tid),
-                         len(hits))
+                         "deliveries.last_error)", dropped[0], len(dropped))
 
     def _write(self, held: _Held) -> _Held | None:
         """Writes the alert if nobody changed it since we read it; None when someone did."""
