@@ -32,7 +32,7 @@ from newsbeam.transforms.delivery import (
 )
 from newsbeam.transforms.elastic import ElasticsearchUnavailable, connect
 from newsbeam.transforms.rules import Rule, parse_target
-from newsbeam.transforms.settings import ElasticsearchSettings
+from newsbeam.transforms.settings import ConfigError, ElasticsearchSettings
 from tests.conftest import REPO
 from tests.feedserver import fixture_articles, rss
 from tests.loopback import LoopbackServer, QuietHandler
@@ -179,7 +179,7 @@ def test_a_huge_error_body_is_not_read(alert_settings):
 
 
 def test_claims_outlive_the_longest_send(alert_settings, es):
-    with pytest.raises(ValueError, match="claim_seconds"):
+    with pytest.raises(ConfigError, match="claim_seconds"):
         Outbox(es, dataclasses.replace(alert_settings.alerts, claim_seconds=3.0, webhook_timeout=10.0))
 
 

@@ -53,7 +53,7 @@ from newsbeam.transforms.clock import epoch, iso
 from newsbeam.transforms.elastic import DATE, INDEX_SETTINGS, KEYWORD, connect
 from newsbeam.transforms.redact import scrub
 from newsbeam.transforms.rules import RuleError, Target, parse_target
-from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, SmtpSettings
+from newsbeam.transforms.settings import AlertSettings, ConfigError, ElasticsearchSettings, SmtpSettings
 
 _LOG = logging.getLogger(__name__)
 PENDING, DELIVERED, DROPPED = "pending", "delivered", "dropped"
@@ -463,7 +463,7 @@ class Outbox:
         self._settings = settings
         self._senders = senders or Senders(settings)
         if settings.claim_seconds < self._senders.longest_send + _CLAIM_MARGIN:
-            raise ValueError(f"alerts.claim_seconds ({settings.claim_seconds:g}) must exceed the longest send "
+            raise ConfigError(f"alerts.claim_seconds ({settings.claim_seconds:g}) must exceed the longest send "
                              f"(webhook_timeout, smtp.timeout: {self._senders.longest_send:g}s) by "
                              f"{_CLAIM_MARGIN:g}s, or slow targets get duplicate sends")
         self.longest_send = self._senders.longest_send
