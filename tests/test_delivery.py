@@ -398,3 +398,16 @@ def test_alerts_stored_with_the_address_get_an_id_and_are_still_delivered(es, al
         assert [body["alert_id"] for body in hook.bodies()] == [alert["alert_id"]]
     [doc] = alert_docs(es, alert_settings, "vents")
     assert doc["pending_targets"] == [] and SECRET not in json.dumps(doc)
+
+
+def test_a_target_with_more_than_a_page_pending_gets_all_of_them(es, alert_settings):
+    with WebhookReceiver() as hook:
+        rule = Rule("many", "ventilators", notify=(f"webhook:{hook.url('/hook')}",))
+        save_rule(es, alert_settings, rule)
+        ids = store_alerts(es, alert_settings, rule, range(250), time.time())
+        loop = DeliveryLoop(es, alert_settings.alerts).start()
+        try:
+            assert len(hook.wait_for(250, timeout=120)) == 250
+        finally:
+            loop.stop()
+    assert sorted(body["alert_id"] for body in hook.bodies()) == sorted(ids)  # each once

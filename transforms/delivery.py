@@ -534,7 +534,6 @@ class Outbox:
         """The oldest page of this target's pending alerts: each sent on its own, digests of
         a rule as one message. The first failure backs the target off and ends its turn."""
         hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
-        self.more = self.more or len(hits) == _PAGE
         now = time.time()
 
         def mine(alert: dict[str, Any]) -> list[dict[str, Any]]:
@@ -566,6 +565,9 @@ class Outbox:
             if not sent:
                 break
             delivered += sent
+        # Another page at once only after progress: a page of alerts claimed by another
+        # deliverer must not make this one spin.
+        self.more = self.more or (len(hits) == _PAGE and delivered > 0)
         return delivered
 
     def _drop(self, tid: str) -> None:
@@ -574,7 +576,6 @@ class Outbox:
         written before targets had ids are first given them (and so their address leaves
         the alert), then delivered by the next sweep."""
         hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
-        self.more = self.more or len(hits) == _PAGE
         now = time.time()
         dropped: list[str] = []
         for hit in hits:
@@ -591,6 +592,7 @@ class Outbox:
                 record.update(status=DROPPED, last_error="no rule sends to this target any more")
                 dropped.append(record.get("target_label", "?"))
             self._release([held])
+        self.more = self.more or (len(hits) == _PAGE and bool(dropped))
         if dropped:
             _LOG.warning("alert target %s: no rule names it any more; %d pending alert(s) dropped (see their "
                          "deliveries.last_error)", dropped[0], len(dropped))
