@@ -701,7 +701,6 @@ class DeliveryLoop:
 
     def __init__(self, client: Elasticsearch, settings: AlertSettings, jobs: Sequence[PeriodicJob] = (),
                  senders: Senders | None = None):
-        self._client = client
         self._settings = settings
         self._jobs = tuple(jobs)
         self._stopping = threading.Event()
