@@ -5,6 +5,7 @@
     newsbeam alerts list | show NAME | enable NAME | disable NAME | remove NAME
     newsbeam alerts import configs/alerts.yaml
     newsbeam alerts test NAME | --query Q [--since 7d] [--limit 20]
+    newsbeam alerts deliver [--duration SECONDS]
 
 A running pipeline picks changes up within one poll interval (transforms/alerts.py).
 """
@@ -191,6 +192,46 @@ def cmd_test(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_deliver(args: argparse.Namespace, settings: Settings) -> int:
+    """The delivery loop on its own, until --duration passes, Ctrl-C or SIGTERM; the delivery
+    in progress finishes (within its deadline) and releases its claim before the exit."""
+    import logging
+    import signal
+    import threading
+
+    from newsbeam.transforms.delivery import DeliveryLoop
+
+    stopping = threading.Event()
+    stopped_by: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopped_by.append(signum)
+        stopping.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    loop = DeliveryLoop(_client(settings), settings.alerts).start()
+    logging.getLogger("newsbeam").info(
+        "delivering alerts from %s every %gs%s", settings.alerts.alerts_index, settings.alerts.sweep_interval,
+        f" for {args.duration:g}s" if args.duration else "; Ctrl-C to stop")
+    deadline = time.monotonic() + args.duration if args.duration else float("inf")
+    while not stopping.is_set() and time.monotonic() < deadline:
+        stopping.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+    loop.stop()
+    if stopped_by:
+        logging.getLogger("newsbeam").info("stopped by %s; undelivered alerts stay pending",
+                                           signal.Signals(stopped_by[0]).name)
+        return 128 + stopped_by[0]
+    return 0
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def add_parser(commands) -> None:
     """Adds `alerts` and its actions to the `newsbeam` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
@@ -227,6 +268,10 @@ def add_parser(commands) -> None:
         test.add_argument(f"--{flag}", action="append")
     test.add_argument("--since", help="a date (2026-01-31) or a relative time (7d, 12h)")
     test.add_argument("--limit", type=int, default=20)
+    deliver = actions.add_parser("deliver", parents=[common],
+                                 help="send pending alerts (the delivery loop on its own, for distributed runs)")
+    deliver.add_argument("--duration", type=_positive_seconds, default=None,
+                         help="stop after this many seconds (default: until Ctrl-C or SIGTERM)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,6 +281,6 @@ def run(args: argparse.Namespace) -> int:
         if action in ("enable", "disable"):
             return _set_enabled(args, settings, action == "enable")
         return {"add": cmd_add, "list": cmd_list, "show": cmd_show, "remove": cmd_remove, "import": cmd_import,
-                "test": cmd_test}[action](args, settings)
+                "test": cmd_test, "deliver": cmd_deliver}[action](args, settings)
     except RuleError as err:
         raise ConfigError(f"alert rule: {err}") from None

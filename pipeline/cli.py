@@ -25,6 +25,7 @@ from newsbeam.pipeline.config import (
     load_settings,
     with_connection,
 )
+from newsbeam.transforms.redact import redact_url
 
 _LOG = logging.getLogger("newsbeam")
 
@@ -143,6 +144,15 @@ def _stop_on_sigterm() -> list[int]:
     return stopped_by
 
 
+def _stop_delivery(delivery, settings: Settings, finished: bool) -> None:
+    """After a bounded run, one more sweep gives the alerts of its last moments their first
+    try (bounded by the send deadline); whatever is still undelivered stays pending for the
+    next run or `newsbeam alerts deliver`, and `newsbeam status` counts it."""
+    if finished:
+        delivery.flush(timeout=delivery.outbox.longest_send + 5)
+    delivery.stop()
+
+
 def cmd_run(argv: list[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -150,6 +160,7 @@ def cmd_run(argv: list[str]) -> int:
     from newsbeam.pipeline.beam_fixes import bound_fnapi_metrics, cheap_state_weights
     from newsbeam.pipeline.build import build_pipeline
     from newsbeam.pipeline.options import NewsbeamOptions
+    from newsbeam.transforms.delivery import DeliveryLoop
     from newsbeam.transforms.elastic import connect, ensure_indices
     from newsbeam.transforms.topics import Taxonomy
 
@@ -169,7 +180,7 @@ def cmd_run(argv: list[str]) -> int:
     client = connect(settings.elasticsearch)
     ensure_indices(client, settings.elasticsearch)
     _LOG.info("polling %d feed(s) every %gs into %s (alias %s)%s", len(settings.feeds), settings.poll_interval,
-              settings.elasticsearch.url, settings.elasticsearch.articles_alias,
+              redact_url(settings.elasticsearch.url), settings.elasticsearch.articles_alias,
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")
     if _is_local(runner):
         bound_fnapi_metrics()
@@ -178,12 +189,16 @@ def cmd_run(argv: list[str]) -> int:
     build_pipeline(pipeline, settings, taxonomy, options.duration, options.fetch_shards)
     stop = threading.Event()
     threading.Thread(target=_report_progress, args=(client, settings, stop), daemon=True).start()
+    # Alerts are delivered here, beside the pipeline, never from a worker: see `alerts deliver`.
+    delivery = DeliveryLoop.connect(settings.elasticsearch, settings.alerts).start()
     started = time.monotonic()
     result = None
+    finished = False
     try:
         result = pipeline.run()
         _LOG.info("runner: %s", _runner_used(result, runner))
         result.wait_until_finish()
+        finished = True
     except (KeyboardInterrupt, RuntimeError) as err:
         # Beam re-raises a Ctrl-C that lands inside a DoFn as "RuntimeError: KeyboardInterrupt [while running …]".
         if isinstance(err, RuntimeError) and not str(err).startswith("KeyboardInterrupt"):
@@ -197,6 +212,7 @@ def cmd_run(argv: list[str]) -> int:
         return 130
     finally:
         stop.set()
+        _stop_delivery(delivery, settings, finished)
     client.indices.refresh(index=[settings.elasticsearch.articles_alias, settings.elasticsearch.deadletter_index])
     articles = client.count(index=settings.elasticsearch.articles_alias)["count"]
     dead = client.count(index=settings.elasticsearch.deadletter_index)["count"]

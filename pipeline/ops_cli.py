@@ -10,6 +10,7 @@ from typing import Any
 from elasticsearch import ApiError, Elasticsearch
 
 from newsbeam.pipeline.config import Settings, settings_from_args
+from newsbeam.transforms.delivery import target_state_index
 from newsbeam.transforms.elastic import ElasticsearchUnavailable, connect
 
 
@@ -31,7 +32,8 @@ def add_parsers(sub: Any) -> None:
 def pipeline_role(settings: Settings) -> dict[str, Any]:
     """The privileges `newsbeam run` needs, on its own indices only."""
     es, alerts = settings.elasticsearch, settings.alerts
-    own = [f"{es.articles_alias}*", es.deadletter_index, es.feeds_index, alerts.alerts_index]
+    own = [f"{es.articles_alias}*", es.deadletter_index, es.feeds_index, alerts.alerts_index,
+           target_state_index(alerts)]
     return {"cluster": ["monitor", "manage_index_templates"],
             "indices": [{"names": own, "privileges": ["create_doc", "index", "create_index", "auto_configure",
                                                       "read", "view_index_metadata", "manage"]},
@@ -88,10 +90,24 @@ def collect_status(client: Elasticsearch, settings: Settings) -> dict[str, Any]:
                            "dead": _count(client, es.feeds_index, {"term": {"dead": True}}),
                            "worst": [hit["_source"] for hit in failing["hits"]["hits"]]}
     if client.indices.exists(index=alerts.alerts_index):
+        client.indices.refresh(index=alerts.alerts_index)
+        pending = client.search(index=alerts.alerts_index, size=0, track_total_hits=True,
+                                query={"exists": {"field": "pending_targets"}},
+                                aggs={"targets": {"cardinality": {"field": "pending_targets"}}})
         status["alerts"] = {"total": _count(client, alerts.alerts_index),
-                            "pending_delivery": _count(client, alerts.alerts_index,
-                                                       {"exists": {"field": "pending_targets"}})}
+                            "pending_delivery": pending["hits"]["total"]["value"],
+                            "pending_targets": pending["aggregations"]["targets"]["value"],
+                            "targets_backing_off": _backing_off(client, target_state_index(alerts))}
     return status
+
+
+def _backing_off(client: Elasticsearch, index: str) -> list[dict[str, Any]]:
+    """The targets whose last delivery failed: label (never the address), failures, next try."""
+    if not client.indices.exists(index=index):
+        return []
+    hits = client.search(index=index, size=20, sort=[{"failures": "desc"}], source_includes=[
+        "target_label", "failures", "not_before", "last_error"])["hits"]["hits"]
+    return [hit["_source"] for hit in hits]
 
 
 def print_status(status: dict[str, Any]) -> None:
@@ -113,8 +129,12 @@ def print_status(status: dict[str, Any]) -> None:
         for key, count in d["last_24h_by_stage_reason"].items():
             print(f"  {count:6d}  {key}")
     if "alerts" in status:
-        print(f"alerts        {status['alerts']['total']} written, {status['alerts']['pending_delivery']} "
-              f"awaiting delivery")
+        a = status["alerts"]
+        print(f"alerts        {a['total']} written, {a['pending_delivery']} awaiting delivery "
+              f"(to {a['pending_targets']} target(s))")
+        for target in a["targets_backing_off"]:
+            print(f"  backing off x{target['failures']}  {target['target_label']}  next try {target['not_before']}: "
+                  f"{target['last_error'][:120]}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import Settings
 from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id, ensure_alert_indices
-from newsbeam.transforms.delivery import DeliveryError, Outbox, Senders
+from newsbeam.transforms.delivery import DeliveryError, DeliveryLoop, Outbox, Senders, target_id
 from newsbeam.transforms.elastic import connect
 from newsbeam.transforms.rules import Rule, parse_target, spacy_lemmatizer
 from tests.conftest import REPO
@@ -36,10 +36,16 @@ def alert_settings(settings) -> Settings:
     return dataclasses.replace(settings, alerts=alerts, poll_interval=5.0)
 
 
-@pytest.fixture(autouse=True)
-def stop_outboxes():
-    yield
-    Outbox.stop_shared()
+@pytest.fixture
+def delivery(es, alert_settings):
+    """The delivery loop, as `newsbeam run` starts it beside the pipeline."""
+    loop = DeliveryLoop(es, alert_settings.alerts).start()
+    yield loop
+    loop.stop()
+
+
+def tid(target: str) -> str:
+    return target_id(parse_target(target))
 
 
 def save_rule(es, settings: Settings, rule: Rule) -> None:
@@ -75,7 +81,7 @@ def alert_docs(es, settings: Settings, rule: str) -> list[dict]:
     return [hit["_source"] for hit in hits]
 
 
-def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es, alert_settings):
+def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es, alert_settings, delivery):
     with WebhookReceiver() as hook:
         hook.fail("/hook")
         save_rule(es, alert_settings, Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",)))
@@ -86,7 +92,7 @@ def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es
         # One failing target is paused as a whole, not hammered once per pending alert.
         assert 2 <= len(hook.refused) <= 12
         docs = alert_docs(es, alert_settings, "vents")
-        assert len(docs) == 12 and all(doc["pending_targets"] == [f"webhook:{hook.url('/hook')}"] for doc in docs)
+        assert len(docs) == 12 and all(doc["pending_targets"] == [tid(f"webhook:{hook.url('/hook')}")] for doc in docs)
         assert any(d["deliveries"][0]["attempts"] >= 1 and d["deliveries"][0]["last_error"].startswith("HTTP 503")
                    for d in docs)
 
@@ -103,22 +109,21 @@ def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es
 
 
 def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es, alert_settings):
-    """The outbox is a daemon thread; exiting while it sends must not leave a claim that holds
-    the alert back for `claim_seconds` (120 s) from the next run."""
+    """The delivery loop is a daemon thread; exiting while it sends must not leave a claim that
+    holds the alert back for `claim_seconds` (120 s) from the next run."""
     with WebhookReceiver() as hook:
         hook.fail("/hook")
         save_rule(es, alert_settings, Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",)))
         articles = [enriched(n) for n in range(3)]
         match_in_pipeline(alert_settings, articles, [a["article_id"] for a in articles])
-        Outbox.stop_shared()
         hook.recover("/hook")
         hook.stall("/hook", 1.5)
         pickled = tmp_path / "settings.pickle"
         pickled.write_bytes(pickle.dumps(alert_settings))
         exiting = ("import pickle, sys, time\n"
-                   "from newsbeam.transforms.delivery import Outbox\n"
+                   "from newsbeam.transforms.delivery import DeliveryLoop\n"
                    "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-                   "Outbox.shared(settings.elasticsearch, settings.alerts).wake()\n"
+                   "DeliveryLoop.connect(settings.elasticsearch, settings.alerts).start().wake()\n"
                    "time.sleep(0.5)  # exit while the first webhook call is stalled\n")
         exited = subprocess.run([sys.executable, "-c", exiting, str(pickled)], cwd=REPO, capture_output=True,
                                 text=True, timeout=120)
@@ -132,7 +137,7 @@ def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es,
                                                                       for a in articles)
 
 
-def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings):
+def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings, delivery):
     with WebhookReceiver() as hook:
         save_rule(es, alert_settings, Rule("burst", "ventilator", notify=(f"webhook:{hook.url('/digest')}",),
                                            digest_seconds=4))
@@ -316,7 +321,7 @@ def test_a_restart_neither_loses_nor_repeats_notifications(tmp_path, es, alert_s
         assert len(hook.bodies("/ok")) == 3 and hook.bodies("/flaky") == []
         assert len([r for r in hook.refused if r["path"] == "/flaky"]) >= 1
         docs = alert_docs(es, alert_settings, "relief")
-        assert len(docs) == 3 and all(doc["pending_targets"] == [f"webhook:{hook.url('/flaky')}"] for doc in docs)
+        assert len(docs) == 3 and all(doc["pending_targets"] == [tid(f"webhook:{hook.url('/flaky')}")] for doc in docs)
 
         hook.recover("/flaky")
         second = newsbeam("run", "--config", config, "--feed", feed, "--duration", "12")

@@ -44,7 +44,7 @@ def test_pipeline_role_covers_only_newsbeam_indices():
     role = pipeline_role(Settings())
     names = [name for entry in role["indices"] for name in entry["names"]]
     assert sorted(names) == sorted(["news-articles*", "newsbeam-deadletters", "newsbeam-feeds",
-                                    "newsbeam-alerts", "newsbeam-rules"])
+                                    "newsbeam-alerts", "newsbeam-alerts-targets", "newsbeam-rules"])
     rules = next(e for e in role["indices"] if e["names"] == ["newsbeam-rules"])
     assert set(rules["privileges"]) == {"read", "view_index_metadata"}  # rules are read-only for the pipeline
     assert "all" not in role["cluster"]

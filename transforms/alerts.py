@@ -1,7 +1,8 @@
 """MatchAlerts: every enriched article against every active alert rule, in the stream.
 
     enriched articles -> MatchRules -> CreateAlerts (newsbeam-alerts, op create) -> articles
-                                                    `-> Outbox (delivery, in the worker process)
+
+    newsbeam-alerts -> DeliveryLoop (transforms/delivery.py; beside the pipeline, not in it)
 
 * Rules live in the `newsbeam-rules` index (`newsbeam alerts add|import|...`). Each DoFn
   instance keeps them in a `RuleBook` that re-reads the index when it is older than
@@ -11,8 +12,10 @@
 * An alert's `_id` is a hash of (rule, article_id) and it is written with `create`: a
   re-processed article gets a 409, which means "already alerted", and nothing is sent.
   Only a successful create enqueues notifications: the alert document itself carries one
-  pending delivery per target, and the process's `Outbox` (transforms/delivery.py) sends
-  them, retries them and marks them delivered.
+  pending delivery per target (its id and a redacted label, never its address), and the
+  delivery loop (transforms/delivery.py), which `newsbeam run` starts beside the pipeline
+  or `newsbeam alerts deliver` runs on its own, sends them, retries them and marks them
+  delivered. No worker sends anything.
 * Articles leave MatchAlerts (on to IndexArticles) only after their alerts are stored.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 from newsbeam.transforms import timing
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, dead_letter
-from newsbeam.transforms.delivery import Outbox, iso, new_deliveries, summarize
+from newsbeam.transforms.delivery import ensure_target_state_index, iso, new_deliveries, summarize
 from newsbeam.transforms.elastic import (
     DATE,
     INDEX_SETTINGS,
@@ -78,7 +81,7 @@ ALERT_MAPPINGS: dict[str, Any] = {
         "matched_terms": KEYWORD, "snippet": {"type": "text"}, "matched_at": DATE,
         "pending_targets": KEYWORD, "next_attempt": DATE,
         "deliveries": {"properties": {
-            "target": KEYWORD, "status": KEYWORD, "attempts": {"type": "integer"},
+            "target_id": KEYWORD, "target_label": KEYWORD, "status": KEYWORD, "attempts": {"type": "integer"},
             "digest_seconds": {"type": "integer"}, "next_attempt": DATE, "claimed_until": DATE,
             "delivered_at": DATE, "last_error": {"type": "text", "index": False}}},
     },
@@ -86,7 +89,8 @@ ALERT_MAPPINGS: dict[str, Any] = {
 
 
 def ensure_alert_indices(client: Elasticsearch, settings: AlertSettings) -> None:
-    """Creates the rules and alerts indices when missing (idempotent, safe to race)."""
+    """Creates the rules, alerts and target back-off indices when missing (idempotent, safe
+    to race)."""
     for index, mappings in ((settings.rules_index, RULE_MAPPINGS), (settings.alerts_index, ALERT_MAPPINGS)):
         if client.indices.exists(index=index):
             continue
@@ -95,6 +99,7 @@ def ensure_alert_indices(client: Elasticsearch, settings: AlertSettings) -> None
         except ApiError as err:
             if err.error != "resource_already_exists_exception":
                 raise
+    ensure_target_state_index(client, settings)
 
 
 def read_rules(client: Elasticsearch, index: str, enabled_only: bool = True) -> list[Rule]:
@@ -253,7 +258,7 @@ class MatchRulesFn(beam.DoFn):
 class CreateAlertsFn(BatchingDoFn):
     """(article, alerts) -> the article, once its alerts are created in bulk. `create`
     makes a second match of the same rule and article a 409, which is dropped; a created
-    alert goes to the `created` output and wakes the process's outbox.
+    alert goes to the `created` output. Delivering it is the delivery loop's job.
 
     Articles leave only after their alerts are stored, so an article that reached the
     index has its alerts: a restart, which skips indexed articles, loses none."""
@@ -272,16 +277,12 @@ class CreateAlertsFn(BatchingDoFn):
         self._client = connect(self._es, check=False)
         self._indices_ready = False
         self._writer = BulkWriter(self._client, self._alerts.alerts_index, "alert_id", "create")
-        # Started here, so a worker also sends what an earlier run left pending.
-        self._outbox = Outbox.shared(self._es, self._alerts)
 
     def handle_batch(self, pairs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> Iterator[list[Any]]:
         alerts = [alert for _, matched in pairs for alert in matched]
         if alerts:
             self._ensure_indices()
         outcomes = iter(self._writer.write(alerts) if alerts else [])
-        if alerts:
-            self._outbox.wake()
         for article, matched in pairs:
             outputs: list[Any] = []
             for alert in matched:
@@ -315,8 +316,6 @@ class CreateAlertsFn(BatchingDoFn):
                 attempt += 1
 
     def teardown(self) -> None:
-        # Give alerts created at the very end of a bounded run their first delivery attempt.
-        self._outbox.flush(timeout=self._alerts.webhook_timeout + 5)
         self._client.close()
 
 
@@ -326,8 +325,8 @@ STORE_DEAD = "store_dead"
 
 class MatchAlerts(beam.PTransform):
     """Enriched articles -> `articles` (the same, each once its alerts are stored), the
-    alert documents `created` in `alerts.alerts_index`, whose notifications the outbox
-    delivers, and dead letters of matching (`dead`) and of storing (`store_dead`)."""
+    alert documents `created` in `alerts.alerts_index`, whose notifications the delivery
+    loop sends, and dead letters of matching (`dead`) and of storing (`store_dead`)."""
 
     def __init__(self, settings: Settings):
         super().__init__()

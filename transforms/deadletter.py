@@ -5,6 +5,7 @@ import hashlib
 from typing import Any
 
 from newsbeam.transforms import clock, timing
+from newsbeam.transforms.redact import redact_url, redact_urls_in
 
 DEAD = "dead"
 _MAX_PAYLOAD = 20_000
@@ -13,6 +14,7 @@ _MAX_PAYLOAD = 20_000
 def dead_letter(stage: str, reason: str, error: str, *, feed_url: str = "", article_id: str = "",
                 url: str = "", payload: Any = None) -> dict[str, Any]:
     """A dead-letter document; its id is stable so a replay of the same failure is stored once."""
+    feed_url, url, error = redact_url(feed_url), redact_url(url), redact_urls_in(error)  # no credentials stored
     key = "|".join((stage, reason, feed_url, article_id, url, error[:500]))
     record = {
         "dead_letter_id": hashlib.sha256(key.encode("utf-8")).hexdigest()[:32],

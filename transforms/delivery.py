@@ -1,21 +1,28 @@
-"""Alert delivery: an outbox in Elasticsearch, and the senders (log, stdout, webhook,
-Slack-compatible webhook, email over SMTP).
+"""Alert delivery: an outbox in Elasticsearch, the senders (log, stdout, webhook,
+Slack-compatible webhook, email over SMTP) and the loop that runs them.
 
-Every alert document carries one delivery record per target (`pending` or `delivered`,
-attempts, next_attempt, last error). The `Outbox` sends what is due:
+Every alert document carries one delivery record per target: the target's id and a
+redacted label (never its address: webhook and Slack URLs and recipient lists are secrets
+that live only in the rules index), `pending` or `delivered`, attempts, the last error. The
+`Outbox` sends what is due, target by target:
 
+* Each target is swept on its own (its oldest pending alerts, a page at a time), so a
+  target that is down, slow or has thousands pending never holds back the others.
 * A sender first claims an alert (an update conditional on its sequence number that
-  pushes `next_attempt` forward by `claim_seconds`), then sends, then records the result
-  under the same condition. Two senders never send the same alert at once; a sender that
-  dies mid-way leaves a claim that expires, and the alert is sent again: at-least-once.
+  sets `claimed_until`), then sends, then records the result under the same condition.
+  Two senders never send the same alert at once; a sender that dies mid-way leaves a claim
+  that expires, and the alert is sent again: at-least-once. Every send has an overall
+  deadline shorter than the claim, so a slow endpoint cannot outlive its claim.
 * A failure keeps the delivery pending and backs the target off exponentially (from
-  `retry_initial`, doubling, capped at `retry_max`); while a target is backing off it is
-  not tried for any alert, and when it answers again everything pending goes out.
+  `retry_initial`, doubling, capped at `retry_max`). The back-off is a document per target
+  in `<alerts index>-targets`, shared by every deliverer and kept across restarts.
 * A digest target (rule with `digest_seconds`) is due when its oldest pending alert is
   that old: then one message lists every pending alert of that rule for that target.
+* The address of a target is looked up in the rules index at send time; an alert whose
+  target no rule names any more is marked `dropped` (with the reason), not retried forever.
 
-The outbox state lives in the index, so a restarted pipeline sends what was pending and
-never re-sends what was delivered.
+`DeliveryLoop` runs the sweeps (and any extra `PeriodicJob`s) in one thread: `newsbeam run`
+starts it beside the pipeline, `newsbeam alerts deliver` runs it on its own.
 """
 from __future__ import annotations
 
@@ -23,55 +30,102 @@ import atexit
 import dataclasses
 import hashlib
 import html
+import http.client
 import json
 import logging
 import os
 import random
 import re
 import smtplib
+import socket
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from typing import Any
+from urllib.parse import urlsplit
 
-import requests
 from elasticsearch import ApiError, ConflictError, Elasticsearch, NotFoundError, TransportError
 
 from newsbeam.transforms.clock import epoch, iso
-from newsbeam.transforms.elastic import connect
-from newsbeam.transforms.rules import Target, parse_target
-from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, SmtpSettings
+from newsbeam.transforms.elastic import DATE, INDEX_SETTINGS, KEYWORD, connect
+from newsbeam.transforms.redact import scrub
+from newsbeam.transforms.rules import RuleError, Target, parse_target
+from newsbeam.transforms.settings import AlertSettings, ConfigError, ElasticsearchSettings, SmtpSettings
 
 _LOG = logging.getLogger(__name__)
-PENDING, DELIVERED = "pending", "delivered"
+PENDING, DELIVERED, DROPPED = "pending", "delivered", "dropped"
 _DIGEST_LIMIT = 5000  # alerts listed in one digest message; more go out in the next one
+_PAGE = 100  # alerts of one target claimed per sweep; a full page asks for another sweep at once
+_ERROR_BODY_BYTES = 2048  # of a refusing endpoint's answer, read for the error message
+_CLAIM_MARGIN = 5.0  # seconds a claim outlives the longest send (writes before and after it)
 
 
 class DeliveryError(Exception):
     """A target did not take the message; it will be retried."""
 
 
+# --- targets -----------------------------------------------------------------------------
+
+def target_id(target: Target) -> str:
+    """The key of a target in alert documents and the back-off index: a hash, any length in."""
+    return "t-" + hashlib.sha256(str(target).encode("utf-8")).hexdigest()[:24]
+
+
+def target_label(target: Target) -> str:
+    """What people see of a target outside the rules index: its kind and host, no secret."""
+    if target.kind in ("webhook", "slack"):
+        return f"{target.kind}:{urlsplit(target.address).hostname or '?'} ({target_id(target)[2:10]})"
+    if target.kind == "email":
+        recipients = target.address.split(",")
+        domains = sorted({r.rpartition("@")[2] for r in recipients})
+        return f"email:{len(recipients)} recipient(s) at {', '.join(domains[:3])}" + (" …" if len(domains) > 3 else "")
+    return str(target)
+
+
 # --- delivery records --------------------------------------------------------------------
 
 def new_deliveries(targets: tuple[Target, ...], digest_seconds: int, now: float) -> list[dict[str, Any]]:
     """Pending delivery records for a new alert: due now, or when its digest window closes."""
-    return [{"target": str(target), "status": PENDING, "attempts": 0, "digest_seconds": digest_seconds,
-             "next_attempt": iso(now + digest_seconds), "claimed_until": None, "last_error": "",
-             "delivered_at": None}
+    return [{"target_id": target_id(target), "target_label": target_label(target), "status": PENDING,
+             "attempts": 0, "digest_seconds": digest_seconds, "next_attempt": iso(now + digest_seconds),
+             "claimed_until": None, "last_error": "", "delivered_at": None}
             for target in targets]
 
 
 def summarize(doc: dict[str, Any]) -> dict[str, Any]:
-    """Sets the top-level fields the outbox queries: the pending targets and when the
+    """Sets the top-level fields the outbox queries: the pending target ids and when the
     earliest of them is due (not before a claim on it expires)."""
     pending = [d for d in doc["deliveries"] if d["status"] == PENDING]
-    doc["pending_targets"] = [d["target"] for d in pending]
+    doc["pending_targets"] = [d["target_id"] for d in pending]
     due = [max(epoch(d["next_attempt"]), epoch(d.get("claimed_until") or iso(0))) for d in pending]
     doc["next_attempt"] = iso(min(due)) if due else None
     return doc
+
+
+TARGET_STATE_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {"target_id": KEYWORD, "target_label": KEYWORD, "failures": {"type": "integer"},
+                   "not_before": DATE, "last_error": {"type": "text", "index": False}, "updated_at": DATE},
+}
+
+
+def target_state_index(settings: AlertSettings) -> str:
+    return f"{settings.alerts_index}-targets"
+
+
+def ensure_target_state_index(client: Elasticsearch, settings: AlertSettings) -> None:
+    """Creates the per-target back-off index when missing (idempotent, safe to race)."""
+    index = target_state_index(settings)
+    if client.indices.exists(index=index):
+        return
+    try:
+        client.indices.create(index=index, mappings=TARGET_STATE_MAPPINGS, settings=INDEX_SETTINGS)
+    except ApiError as err:
+        if err.error != "resource_already_exists_exception":
+            raise
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -79,12 +133,27 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
 _HIGHLIGHT = re.compile(r"\*\*(.+?)\*\*")
 
 
+def safe_link(url: Any) -> str:
+    """The article link if it is a plain http(s) URL, else "": a `javascript:` or `data:`
+    link from a feed must never become something a reader clicks."""
+    if not isinstance(url, str):
+        return ""
+    url = url.strip()
+    if not url or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    return url if parts.scheme.lower() in ("http", "https") and parts.hostname else ""
+
+
 def alert_payload(alert: dict[str, Any]) -> dict[str, Any]:
     """What a webhook receives for one alert (and, in a list, for a digest)."""
+    article = {key: alert.get(key) for key in ("article_id", "title", "source", "publisher", "published_at", "topics")}
     return {"alert_id": alert["alert_id"], "rule": alert["rule"], "matched_terms": alert.get("matched_terms", []),
             "snippet": alert.get("snippet", ""), "matched_at": alert.get("matched_at"),
-            "article": {key: alert.get(key) for key in
-                        ("article_id", "title", "url", "source", "publisher", "published_at", "topics")}}
+            "article": {**article, "url": safe_link(alert.get("url")) or None}}
 
 
 def digest_payload(rule: str, alerts: list[dict[str, Any]], now: float) -> dict[str, Any]:
@@ -105,7 +174,7 @@ def render_text(alerts: list[dict[str, Any]], rule: str) -> tuple[str, str]:
         subject = f"[newsbeam] {rule}: {len(alerts)} new matches"
     blocks = []
     for alert in alerts:
-        lines = [_one_line(alert.get("title", "")) or "(untitled)", alert.get("url", "")]
+        lines = [_one_line(alert.get("title", "")) or "(untitled)", safe_link(alert.get("url")) or "(no http link)"]
         meta = " · ".join(x for x in (alert.get("source"), alert.get("published_at")) if x)
         if meta:
             lines.append(meta)
@@ -117,17 +186,26 @@ def render_text(alerts: list[dict[str, Any]], rule: str) -> tuple[str, str]:
 
 
 def render_html(alerts: list[dict[str, Any]], rule: str) -> str:
-    """The HTML alternative: every piece of article text escaped, highlights as <mark>."""
+    """The HTML alternative: every piece of article text escaped, highlights as <mark>, and a
+    link only to an http(s) URL."""
     def text(value: Any) -> str:
         return _HIGHLIGHT.sub(r"<mark>\1</mark>", html.escape(str(value or ""), quote=True))
     items = []
     for alert in alerts:
-        url = html.escape(alert.get("url", ""), quote=True)
-        items.append(f'<li><a href="{url}">{text(_one_line(alert.get("title", "")))}</a> '
-                     f'<small>{text(alert.get("source"))}</small><br>'
+        title = text(_one_line(alert.get("title", ""))) or "(untitled)"
+        url = safe_link(alert.get("url"))
+        heading = f'<a href="{html.escape(url, quote=True)}">{title}</a>' if url else title
+        items.append(f'<li>{heading} <small>{text(alert.get("source"))}</small><br>'
                      f'matched: {text(", ".join(alert.get("matched_terms", [])))}<br>'
                      f'<blockquote>{text(alert.get("snippet"))}</blockquote></li>')
     return f"<p>newsbeam alert rule <b>{html.escape(rule)}</b></p><ul>{''.join(items)}</ul>"
+
+
+# Slack formats *bold*, _italic_, ~strike~ and `code`, and links any URL, domain or address it
+# sees: in article text those characters become look-alikes that Slack leaves alone.
+_SLACK_INERT = str.maketrans({"*": "∗", "_": "ˍ", "~": "∼", "`": "ˋ"})
+_LINKABLE = re.compile(r"(?<=\w)\.(?=\w)|:(?=//)|(?<=\w)@(?=\w)")
+_INERT_LINK_PARTS = {".": "․", ":": "˸", "@": "＠"}
 
 
 def slack_escape(text: str) -> str:
@@ -136,18 +214,34 @@ def slack_escape(text: str) -> str:
     return (text or "").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def slack_text(text: str) -> str:
+    """Article text for a Slack message: escaped, no formatting, nothing Slack would link."""
+    inert = _LINKABLE.sub(lambda m: _INERT_LINK_PARTS[m.group()], (text or "").translate(_SLACK_INERT))
+    return slack_escape(inert)
+
+
+def _slack_snippet(snippet: str) -> str:
+    """The snippet with our own highlights (**word**) as Slack bold, the rest inert."""
+    parts = _HIGHLIGHT.split(_one_line(snippet))  # odd indexes are the highlighted words
+    return "".join(f"*{slack_text(part)}*" if i % 2 else slack_text(part) for i, part in enumerate(parts))
+
+
 def _slack_link(url: str, title: str) -> str:
-    safe_url = slack_escape(url).replace("|", "%7C").replace(" ", "%20")
-    return f"<{safe_url}|{slack_escape(_one_line(title)).replace('|', '¦') or 'untitled'}>"
+    # Slack links nothing inside a link's label: only escaping and formatting matter there.
+    label = slack_escape(_one_line(title).translate(_SLACK_INERT)).replace("|", "¦") or "untitled"
+    url = safe_link(url)
+    if not url:
+        return label
+    return f"<{slack_escape(url).replace('|', '%7C').replace(' ', '%20')}|{label}>"
 
 
 def render_slack(alerts: list[dict[str, Any]], rule: str) -> dict[str, Any]:
-    lines = [f"*newsbeam: {slack_escape(rule)}*" + (f" ({len(alerts)} matches)" if len(alerts) > 1 else "")]
+    lines = [f"*newsbeam: {slack_text(rule)}*" + (f" ({len(alerts)} matches)" if len(alerts) > 1 else "")]
     for alert in alerts:
-        snippet = _HIGHLIGHT.sub(r"*\1*", slack_escape(_one_line(alert.get("snippet", ""))))
+        snippet = _slack_snippet(alert.get("snippet", ""))
         lines.append(f"• {_slack_link(alert.get('url', ''), alert.get('title', ''))} "
-                     f"({slack_escape(alert.get('source') or '')}; matched "
-                     f"{slack_escape(', '.join(alert.get('matched_terms', [])))})")
+                     f"({slack_text(alert.get('source') or '')}; matched "
+                     f"{slack_text(', '.join(alert.get('matched_terms', [])))})")
         if snippet:
             lines.append(f">{snippet}")
     return {"text": "\n".join(lines), "unfurl_links": False, "unfurl_media": False}
@@ -155,8 +249,66 @@ def render_slack(alerts: list[dict[str, Any]], rule: str) -> dict[str, Any]:
 
 # --- senders -----------------------------------------------------------------------------
 
+class _Watchdog:
+    """Shuts a connection's socket when the deadline passes: socket timeouts bound each read,
+    this bounds the whole exchange (a peer trickling one byte a second never times out)."""
+
+    def __init__(self, seconds: float, socket_of: Callable[[], socket.socket | None]):
+        self.expired = False
+        self._socket_of = socket_of
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        sock = self._socket_of()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def post_json(url: str, payload: dict[str, Any], headers: dict[str, str], deadline: float) -> None:
+    """POSTs JSON to a webhook within `deadline` seconds in all; raises DeliveryError. Plain
+    http.client: no proxies, no .netrc, no redirects followed, and of a refusal's body only
+    the first bytes are read (a 2xx is success without reading its body)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=deadline, context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=deadline)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    watchdog = _Watchdog(deadline, lambda: connection.sock)
+    try:
+        connection.request("POST", path, body=body, headers={
+            "Content-Type": "application/json", "User-Agent": "newsbeam-alerts/0.1", "Connection": "close",
+            **headers})
+        response = connection.getresponse()
+        if watchdog.expired:  # the socket was shut mid-headers: http.client takes that as their end
+            raise OSError("deadline")
+        if 200 <= response.status < 300:
+            return
+        answer = response.read(_ERROR_BODY_BYTES).decode("utf-8", "replace")
+        raise DeliveryError(f"HTTP {response.status}: {_one_line(answer)[:200]}")
+    except (OSError, http.client.HTTPException) as err:
+        if watchdog.expired:
+            raise DeliveryError(f"no complete answer within {deadline:g}s") from None
+        raise DeliveryError(f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}") from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+
+
 def send_email(smtp: SmtpSettings, recipients: list[str], subject: str, text: str, html_body: str) -> None:
-    """One message over SMTP; credentials only from NEWSBEAM_SMTP_USERNAME/PASSWORD."""
+    """One message over SMTP within `smtp.timeout` seconds in all; credentials only from
+    NEWSBEAM_SMTP_USERNAME/PASSWORD. Errors name the server, never the recipients."""
     message = EmailMessage()
     message["From"] = smtp.sender
     message["To"] = ", ".join(recipients)
@@ -164,11 +316,11 @@ def send_email(smtp: SmtpSettings, recipients: list[str], subject: str, text: st
     message.set_content(text)
     message.add_alternative(html_body, subtype="html")
     context = ssl.create_default_context(cafile=smtp.ca_certs or None)
+    server = (smtplib.SMTP_SSL(timeout=smtp.timeout, context=context) if smtp.security == "ssl"
+              else smtplib.SMTP(timeout=smtp.timeout))
+    watchdog = _Watchdog(smtp.timeout, lambda: getattr(server, "sock", None))
     try:
-        if smtp.security == "ssl":
-            server = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout, context=context)
-        else:
-            server = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
+        server.connect(smtp.host, smtp.port)
         with server:
             if smtp.security == "starttls":
                 server.starttls(context=context)
@@ -176,18 +328,38 @@ def send_email(smtp: SmtpSettings, recipients: list[str], subject: str, text: st
                 server.login(os.environ["NEWSBEAM_SMTP_USERNAME"], os.environ.get("NEWSBEAM_SMTP_PASSWORD", ""))
             server.send_message(message)
     except (smtplib.SMTPException, OSError) as err:
-        raise DeliveryError(f"SMTP {smtp.host}:{smtp.port}: {type(err).__name__}: {err}") from None
+        if watchdog.expired:
+            raise DeliveryError(f"SMTP {smtp.host}:{smtp.port}: no complete exchange within {smtp.timeout:g}s") from None
+        code = getattr(err, "smtp_code", None)
+        detail = f"{type(err).__name__}" + (f" {code}" if code else "")
+        if isinstance(err, smtplib.SMTPResponseException):
+            detail += ": " + err.smtp_error.decode("utf-8", "replace")[:200]
+        elif isinstance(err, OSError):
+            detail += f": {err.strerror or err}"
+        raise DeliveryError(f"SMTP {smtp.host}:{smtp.port}: {scrub(detail, tuple(recipients), '<recipient>')}") from None
+    finally:
+        watchdog.cancel()
 
 
 class Senders:
-    """Sends one alert, or one digest of alerts, to a target; raises DeliveryError."""
+    """Sends one alert, or one digest of alerts, to a target; raises DeliveryError whose
+    message never contains the target's address."""
 
     def __init__(self, settings: AlertSettings):
         self._settings = settings
-        self._http = requests.Session()
-        self._http.headers["User-Agent"] = "newsbeam-alerts/0.1"
+
+    @property
+    def longest_send(self) -> float:
+        """The most one send can take: every sender has an overall deadline."""
+        return max(self._settings.webhook_timeout, self._settings.smtp.timeout)
 
     def send(self, target: Target, rule: str, alerts: list[dict[str, Any]], digest: bool, now: float) -> None:
+        try:
+            self._send(target, rule, alerts, digest, now)
+        except DeliveryError as err:
+            raise DeliveryError(scrub(str(err), (target.address,), target_label(target))) from None
+
+    def _send(self, target: Target, rule: str, alerts: list[dict[str, Any]], digest: bool, now: float) -> None:
         payload = digest_payload(rule, alerts, now) if digest else {"type": "alert", **alert_payload(alerts[0])}
         if target.kind == "log":
             subject, body = render_text(alerts, rule)
@@ -196,23 +368,57 @@ class Senders:
             print(json.dumps(payload, ensure_ascii=False), file=sys.stdout, flush=True)
         elif target.kind == "webhook":
             key = hashlib.sha256("|".join(a["alert_id"] for a in alerts).encode()).hexdigest()[:32]
-            self._post(target.address, payload, {"Idempotency-Key": key})
+            post_json(target.address, payload, {"Idempotency-Key": key}, self._settings.webhook_timeout)
         elif target.kind == "slack":
-            self._post(target.address, render_slack(alerts, rule), {})
+            post_json(target.address, render_slack(alerts, rule), {}, self._settings.webhook_timeout)
         elif target.kind == "email":
             subject, body = render_text(alerts, rule)
             send_email(self._settings.smtp, target.address.split(","), subject, body, render_html(alerts, rule))
         else:
             raise DeliveryError(f"unknown target kind {target.kind!r}")
 
-    def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> None:
+
+# --- per-target back-off -----------------------------------------------------------------
+
+class TargetStates:
+    """Back-off per target, one document per failing target in `<alerts index>-targets`:
+    every deliverer sees it, and a restart does not hammer a target that was down."""
+
+    def __init__(self, client: Elasticsearch, settings: AlertSettings):
+        self._client = client
+        self._settings = settings
+        self._index = target_state_index(settings)
+        self._ready = False
+
+    def read(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
         try:
-            response = self._http.post(url, json=payload, headers=headers, timeout=self._settings.webhook_timeout,
-                                       allow_redirects=False)
-        except requests.RequestException as err:
-            raise DeliveryError(f"{type(err).__name__}: {err}") from None
-        if not 200 <= response.status_code < 300:
-            raise DeliveryError(f"HTTP {response.status_code}: {response.text[:200]}")
+            docs = self._client.mget(index=self._index, ids=ids)["docs"]
+        except NotFoundError:
+            return {}
+        return {doc["_id"]: doc["_source"] for doc in docs if doc.get("found")}
+
+    def failed(self, tid: str, label: str, error: str, state: dict[str, Any] | None) -> dict[str, Any]:
+        """Records a failure; returns the new state, whose `not_before` is the next try."""
+        failures = (state or {}).get("failures", 0) + 1
+        delay = min(self._settings.retry_max, self._settings.retry_initial * 2 ** (failures - 1))
+        now = time.time()
+        new = {"target_id": tid, "target_label": label, "failures": failures,
+               "not_before": iso(now + delay * random.uniform(0.8, 1.0)), "last_error": error[:500],
+               "updated_at": iso(now)}
+        if not self._ready:
+            ensure_target_state_index(self._client, self._settings)
+            self._ready = True
+        self._client.index(index=self._index, id=tid, document=new)
+        return new
+
+    def succeeded(self, tid: str, state: dict[str, Any] | None) -> None:
+        if state:
+            try:
+                self._client.delete(index=self._index, id=tid)
+            except NotFoundError:
+                pass
 
 
 # --- the outbox --------------------------------------------------------------------------
@@ -226,131 +432,64 @@ class _Held:
     primary_term: int
 
 
+def _give_targets_ids(alert: dict[str, Any]) -> bool:
+    """Replaces the address in delivery records of older alerts (`target`) by its id and
+    label; True if there were any."""
+    changed = False
+    for record in alert["deliveries"]:
+        if "target" in record and "target_id" not in record:
+            try:
+                target = parse_target(record.pop("target"))
+            except RuleError:
+                target = Target("unknown")
+            record.update(target_id=target_id(target), target_label=target_label(target))
+            changed = True
+    return changed
+
+
 def _claimable(record: dict[str, Any], now: float) -> bool:
     return record["status"] == PENDING and epoch(record.get("claimed_until") or iso(0)) <= now
 
 
 class Outbox:
-    """Sends due deliveries from the alerts index. `sweep()` does one pass; `start()` runs
-    passes every `sweep_interval` seconds, or at once after `wake()`, in a daemon thread."""
+    """Sends due deliveries from the alerts index; `sweep()` does one pass over every target
+    with something pending. `more` is True after a sweep that left due work behind (a full
+    page), so the caller sweeps again at once. Setting `stopping` ends a sweep after the
+    delivery in progress."""
 
-    _shared: dict[tuple[str, str], Outbox] = {}
-    _shared_lock = threading.Lock()
-    _exit_hook = False
-
-    def __init__(self, client: Elasticsearch, settings: AlertSettings, senders: Senders | None = None):
+    def __init__(self, client: Elasticsearch, settings: AlertSettings, senders: Senders | None = None,
+                 stopping: threading.Event | None = None):
         self._client = client
         self._settings = settings
         self._senders = senders or Senders(settings)
-        self._backoff: dict[str, tuple[float, int]] = {}  # target -> (not before, failures in a row)
-        self._wakeup = threading.Event()
-        self._stop = threading.Event()
-        self._progress = threading.Condition()
-        self._sweeps = 0
-        self._busy = False
-        self._thread: threading.Thread | None = None
-
-    @classmethod
-    def shared(cls, es: ElasticsearchSettings, settings: AlertSettings) -> Outbox:
-        """The process's running outbox for these indices (one per worker process)."""
-        key = (es.url, settings.alerts_index)
-        with cls._shared_lock:
-            if key not in cls._shared:
-                cls._shared[key] = cls(connect(es, check=False), settings).start()
-                cls._stop_at_exit()
-            return cls._shared[key]
-
-    @classmethod
-    def _stop_at_exit(cls) -> None:
-        """Interpreter exit kills daemon threads where they stand: a sweep killed between claim
-        and release would hold its alerts back for `claim_seconds`. Registered after the client
-        exists so that it runs before (atexit is LIFO) urllib3's pool finalizers, which would
-        leave the sweep's last write waiting for a connection forever."""
-        if not cls._exit_hook:
-            atexit.register(cls.stop_shared)
-            cls._exit_hook = True
-
-    @classmethod
-    def stop_shared(cls) -> None:
-        """Stops every shared outbox of this process (tests; orderly shutdown)."""
-        with cls._shared_lock:
-            outboxes, cls._shared = list(cls._shared.values()), {}
-        for outbox in outboxes:
-            outbox.stop()
-
-    def start(self) -> Outbox:
-        self._thread = threading.Thread(target=self._run, name="newsbeam-outbox", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Ends the sweeps after the delivery in progress, whose claim is released."""
-        self._stop.set()
-        self._wakeup.set()
-        if self._thread:
-            self._thread.join(timeout=60)
-
-    def wake(self) -> None:
-        """New alerts were written: sweep now rather than at the next interval."""
-        self._wakeup.set()
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Waits until a sweep that started after this call has finished; False on timeout."""
-        with self._progress:
-            wanted = self._sweeps + (2 if self._busy else 1)
-            self.wake()
-        deadline = time.monotonic() + timeout
-        with self._progress:
-            while self._sweeps < wanted:
-                if not self._progress.wait(max(0.0, deadline - time.monotonic())):
-                    return False
-        return True
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wakeup.wait(self._settings.sweep_interval)
-            with self._progress:
-                self._wakeup.clear()
-                self._busy = True
-            try:
-                self.sweep()
-            except (ApiError, TransportError) as err:
-                _LOG.warning("alert outbox: Elasticsearch unavailable (%s); will retry", type(err).__name__)
-            except Exception:  # the outbox must outlive any one bad alert
-                _LOG.exception("alert outbox: sweep failed; will retry")
-            with self._progress:
-                self._busy = False
-                self._sweeps += 1
-                self._progress.notify_all()
+        if settings.claim_seconds < self._senders.longest_send + _CLAIM_MARGIN:
+            raise ConfigError(f"alerts.claim_seconds ({settings.claim_seconds:g}) must exceed the longest send "
+                             f"(webhook_timeout, smtp.timeout: {self._senders.longest_send:g}s) by "
+                             f"{_CLAIM_MARGIN:g}s, or slow targets get duplicate sends")
+        self.longest_send = self._senders.longest_send
+        self._states = TargetStates(client, settings)
+        self.stopping = stopping or threading.Event()
+        self.more = False
 
     def sweep(self) -> int:
         """Sends everything due now; returns how many deliveries succeeded. A refresh first
         makes alerts written a moment ago visible to the search."""
+        self.more = False
         if not self._refresh():
             return 0
-        now = time.time()
-        due = self._search({"bool": {"filter": [{"exists": {"field": "pending_targets"}},
-                                               {"range": {"next_attempt": {"lte": int(now * 1000)}}}]}},
-                           sort=[{"next_attempt": "asc"}], size=500)
+        pending = self._pending_target_ids()
+        if not pending:
+            return 0
+        addresses = self._addresses()
+        states = self._states.read(pending)
         delivered = 0
-        digests: set[tuple[str, str]] = set()
-        for hit in due:
-            if self._stop.is_set():
-                return delivered
-            doc = hit["_source"]
-            digests.update((doc["rule"], r["target"]) for r in doc["deliveries"]
-                           if r["digest_seconds"] and self._due(r, now))
-            claim = self._claim(hit, lambda alert: [r for r in alert["deliveries"]
-                                                     if not r["digest_seconds"] and self._due(r, now)])
-            if claim is not None:
-                held, records = claim
-                delivered += sum(self._send(record["target"], held.doc["rule"], [record], [held.doc], digest=False)
-                                 for record in records)
-                self._release([held])
-        for rule, target in sorted(digests):
-            if self._stop.is_set():
+        for tid in pending:
+            if self.stopping.is_set():
                 break
-            delivered += self._deliver_digest(rule, target)
+            if addresses is not None and tid not in addresses:
+                self._drop(tid)
+            elif addresses is not None and epoch(states.get(tid, {}).get("not_before") or iso(0)) <= time.time():
+                delivered += self._deliver_to(tid, addresses[tid], states.get(tid))
         return delivered
 
     def _refresh(self) -> bool:
@@ -360,6 +499,29 @@ class Outbox:
             return False
         return True
 
+    def _pending_target_ids(self) -> list[str]:
+        response = self._client.search(index=self._settings.alerts_index, size=0, aggs={
+            "targets": {"terms": {"field": "pending_targets", "size": 10_000, "order": {"_key": "asc"}}}})
+        return [bucket["key"] for bucket in response["aggregations"]["targets"]["buckets"]]
+
+    def _addresses(self) -> dict[str, Target] | None:
+        """Target id -> target, from the rules (the only place addresses are kept); None while
+        the rules index does not exist."""
+        try:
+            hits = self._client.search(index=self._settings.rules_index, size=10_000, source_includes=["notify"],
+                                       query={"match_all": {}})["hits"]["hits"]
+        except NotFoundError:
+            return None
+        targets: dict[str, Target] = {}
+        for hit in hits:
+            for text in hit["_source"].get("notify") or []:
+                try:
+                    target = parse_target(text)
+                except RuleError:
+                    continue
+                targets[target_id(target)] = target
+        return targets
+
     def _search(self, query: dict[str, Any], sort: list[Any], size: int) -> list[dict[str, Any]]:
         try:
             response = self._client.search(index=self._settings.alerts_index, query=query, sort=sort, size=size,
@@ -368,9 +530,72 @@ class Outbox:
             return []
         return response["hits"]["hits"]
 
-    def _due(self, record: dict[str, Any], now: float) -> bool:
-        return (_claimable(record, now) and epoch(record["next_attempt"]) <= now
-                and self._backoff.get(record["target"], (0.0, 0))[0] <= now)
+    def _deliver_to(self, tid: str, target: Target, state: dict[str, Any] | None) -> int:
+        """The oldest page of this target's pending alerts: each sent on its own, digests of
+        a rule as one message. The first failure backs the target off and ends its turn."""
+        hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
+        now = time.time()
+
+        def mine(alert: dict[str, Any]) -> list[dict[str, Any]]:
+            return [r for r in alert["deliveries"] if r.get("target_id") == tid and _claimable(r, now)]
+
+        delivered = 0
+        digests: set[str] = set()
+        for hit in hits:
+            if self.stopping.is_set():
+                return delivered
+            records = mine(hit["_source"])
+            if any(r["digest_seconds"] for r in records):
+                if any(epoch(r["next_attempt"]) <= now for r in records):
+                    digests.add(hit["_source"]["rule"])
+                continue
+            claim = self._claim(hit, mine)
+            if claim is None:
+                continue
+            held, claimed = claim
+            sent, state = self._send(tid, target, held.doc["rule"], claimed, [held.doc], False, state)
+            self._release([held])
+            if not sent:
+                return delivered
+            delivered += sent
+        for rule in sorted(digests):
+            if self.stopping.is_set():
+                break
+            sent, state = self._deliver_digest(rule, tid, target, state)
+            if not sent:
+                break
+            delivered += sent
+        # Another page at once only after progress: a page of alerts claimed by another
+        # deliverer must not make this one spin.
+        self.more = self.more or (len(hits) == _PAGE and delivered > 0)
+        return delivered
+
+    def _drop(self, tid: str) -> None:
+        """No rule sends to this target any more (removed, or its address changed): its pending
+        deliveries are marked dropped, with the reason, instead of waiting forever. Alerts
+        written before targets had ids are first given them (and so their address leaves
+        the alert), then delivered by the next sweep."""
+        hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
+        now = time.time()
+        dropped: list[str] = []
+        for hit in hits:
+            if _give_targets_ids(hit["_source"]):
+                self._write(_Held(hit["_id"], hit["_source"], hit["_seq_no"], hit["_primary_term"]))
+                self.more = True  # sent by the next sweep, at once
+                continue
+            claim = self._claim(hit, lambda alert: [r for r in alert["deliveries"]
+                                                     if r.get("target_id") == tid and _claimable(r, now)])
+            if claim is None:
+                continue
+            held, records = claim
+            for record in records:
+                record.update(status=DROPPED, last_error="no rule sends to this target any more")
+                dropped.append(record.get("target_label", "?"))
+            self._release([held])
+        self.more = self.more or (len(hits) == _PAGE and bool(dropped))
+        if dropped:
+            _LOG.warning("alert target %s: no rule names it any more; %d pending alert(s) dropped (see their "
+                         "deliveries.last_error)", dropped[0], len(dropped))
 
     def _write(self, held: _Held) -> _Held | None:
         """Writes the alert if nobody changed it since we read it; None when someone did."""
@@ -411,43 +636,153 @@ class Outbox:
                 _LOG.warning("alert %s changed while it was being sent (claim expired?); it may be sent again",
                              alert.id)
 
-    def _deliver_digest(self, rule: str, target: str) -> int:
-        """One message listing every pending alert of `rule` for `target`."""
+    def _deliver_digest(self, rule: str, tid: str, target: Target, state: dict[str, Any] | None
+                        ) -> tuple[int, dict[str, Any] | None]:
+        """One message listing every pending alert of `rule` for the target."""
         now = time.time()
-        if self._backoff.get(target, (0.0, 0))[0] > now:
-            return 0
-        hits = self._search({"bool": {"filter": [{"term": {"rule": rule}}, {"term": {"pending_targets": target}}]}},
+        hits = self._search({"bool": {"filter": [{"term": {"rule": rule}}, {"term": {"pending_targets": tid}}]}},
                             sort=[{"matched_at": "asc"}], size=_DIGEST_LIMIT)
         held, records = [], []
         for hit in hits:
-            claim = self._claim(hit, lambda alert: [r for r in alert["deliveries"] if r["target"] == target
+            claim = self._claim(hit, lambda alert: [r for r in alert["deliveries"] if r.get("target_id") == tid
                                                      and r["digest_seconds"] and _claimable(r, now)][:1])
             if claim is not None:
                 held.append(claim[0])
                 records += claim[1]
         if not held:
-            return 0
-        delivered = self._send(target, rule, records, [h.doc for h in held], digest=True)
+            return 0, state
+        result = self._send(tid, target, rule, records, [h.doc for h in held], True, state)
         self._release(held)
-        return delivered
+        return result
 
-    def _send(self, target: str, rule: str, records: list[dict[str, Any]], alerts: list[dict[str, Any]],
-              digest: bool) -> int:
-        """Sends one message about `alerts` to `target` and records the outcome in `records`."""
-        now = time.time()
+    def _send(self, tid: str, target: Target, rule: str, records: list[dict[str, Any]],
+              alerts: list[dict[str, Any]], digest: bool, state: dict[str, Any] | None
+              ) -> tuple[int, dict[str, Any] | None]:
+        """Sends one message about `alerts` to the target and records the outcome in `records`
+        and in the target's back-off; returns (deliveries made, the target's state)."""
+        label = target_label(target)
         try:
-            self._senders.send(parse_target(target), rule, alerts, digest, now)
+            self._senders.send(target, rule, alerts, digest, time.time())
         except DeliveryError as err:
-            failures = self._backoff.get(target, (0.0, 0))[1] + 1
-            delay = min(self._settings.retry_max, self._settings.retry_initial * 2 ** (failures - 1))
-            retry_at = now + delay * random.uniform(0.8, 1.0)
-            self._backoff[target] = (retry_at, failures)
-            _LOG.warning("alert delivery to %s failed (%s); retry in %.1fs", target, err, retry_at - now)
+            state = self._states.failed(tid, label, str(err), state)
+            _LOG.warning("alert delivery to %s failed (%s); failure %d in a row, next try at %s", label, err,
+                         state["failures"], state["not_before"])
             for record in records:
-                record.update(attempts=record["attempts"] + 1, next_attempt=iso(retry_at), last_error=str(err)[:500])
-            return 0
-        self._backoff.pop(target, None)
+                record.update(attempts=record["attempts"] + 1, next_attempt=state["not_before"],
+                              last_error=str(err)[:500])
+            return 0, state
+        self._states.succeeded(tid, state)
         for record in records:
             record.update(status=DELIVERED, attempts=record["attempts"] + 1, delivered_at=iso(time.time()),
                           last_error="")
-        return len(records)
+        return len(records), None
+
+
+# --- the delivery loop -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicJob:
+    """Extra work for the delivery loop (e.g. evaluating volume rules): `run()` is called at
+    start and then every `interval` seconds, in the loop's thread, between sweeps. An
+    exception is logged and the job runs again at its next time; a job should return well
+    within its interval, since deliveries wait while it runs."""
+    name: str
+    interval: float
+    run: Callable[[], object]
+
+
+class DeliveryLoop:
+    """The delivery service: an outbox sweep every `sweep_interval` seconds (at once after
+    `wake()` or a sweep that left work behind) and the given periodic jobs, in one thread.
+
+    `newsbeam run` starts it beside the pipeline, so one command does everything locally;
+    `newsbeam alerts deliver` runs it on its own, next to a pipeline on a distributed runner.
+    Any number of loops may run at once: claims keep them from sending an alert twice."""
+
+    def __init__(self, client: Elasticsearch, settings: AlertSettings, jobs: Sequence[PeriodicJob] = (),
+                 senders: Senders | None = None):
+        self._settings = settings
+        self._jobs = tuple(jobs)
+        self._stopping = threading.Event()
+        self.outbox = Outbox(client, settings, senders, self._stopping)
+        self._wakeup = threading.Event()
+        self._progress = threading.Condition()
+        self._sweeps = 0
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def connect(cls, es: ElasticsearchSettings, settings: AlertSettings, jobs: Sequence[PeriodicJob] = ()
+                ) -> DeliveryLoop:
+        return cls(connect(es, check=False), settings, jobs)
+
+    def start(self) -> DeliveryLoop:
+        self._thread = threading.Thread(target=self._run, name="newsbeam-delivery", daemon=True)
+        self._thread.start()
+        # Interpreter exit kills daemon threads where they stand: a sweep killed between claim
+        # and release would hold its alerts back for `claim_seconds`. Registered after the client
+        # exists, so it runs before (atexit is LIFO) urllib3's pool finalizers.
+        atexit.register(self.stop)
+        return self
+
+    def stop(self) -> None:
+        """Ends the loop after the delivery in progress (bounded by its deadline), whose claim
+        is released; what is still pending stays pending for the next run."""
+        atexit.unregister(self.stop)
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.outbox.longest_send + 30)
+
+    def wake(self) -> None:
+        """New alerts were written: sweep now rather than at the next interval."""
+        self._wakeup.set()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Waits until a sweep that started after this call has finished; False on timeout."""
+        with self._progress:
+            wanted = self._sweeps + (2 if self._busy else 1)
+            self.wake()
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while self._sweeps < wanted:
+                if not self._progress.wait(max(0.0, deadline - time.monotonic())):
+                    return False
+        return True
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic()
+        next_job = [time.monotonic()] * len(self._jobs)
+        while not self._stopping.is_set():
+            self._wakeup.wait(max(0.0, min([next_sweep, *next_job]) - time.monotonic()))
+            if self._stopping.is_set():
+                break
+            if self._wakeup.is_set() or time.monotonic() >= next_sweep:
+                self._sweep()
+                next_sweep = time.monotonic() + (0.0 if self.outbox.more else self._settings.sweep_interval)
+            for number, job in enumerate(self._jobs):
+                if time.monotonic() >= next_job[number] and not self._stopping.is_set():
+                    self._run_job(job)
+                    next_job[number] = time.monotonic() + job.interval
+
+    def _sweep(self) -> None:
+        with self._progress:
+            self._wakeup.clear()
+            self._busy = True
+        try:
+            self.outbox.sweep()
+        except (ApiError, TransportError) as err:
+            _LOG.warning("alert delivery: Elasticsearch unavailable (%s); will retry", type(err).__name__)
+        except Exception:  # the loop must outlive any one bad alert
+            _LOG.exception("alert delivery: sweep failed; will retry")
+        with self._progress:
+            self._busy = False
+            self._sweeps += 1
+            self._progress.notify_all()
+
+    @staticmethod
+    def _run_job(job: PeriodicJob) -> None:
+        try:
+            job.run()
+        except Exception:  # one failing job must not stop delivery or the other jobs
+            _LOG.exception("delivery loop: periodic job %s failed; it runs again in %gs", job.name, job.interval)

@@ -24,6 +24,7 @@ from elasticsearch import ApiError, Elasticsearch, TransportError
 from newsbeam.transforms import clock, timing
 from newsbeam.transforms.batching import PooledBatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.redact import redact_url
 from newsbeam.transforms.settings import ElasticsearchSettings
 
 _LOG = logging.getLogger(__name__)
@@ -118,18 +119,19 @@ def client_kwargs(settings: ElasticsearchSettings) -> dict[str, Any]:
 
 def connect(settings: ElasticsearchSettings, check: bool = True) -> Elasticsearch:
     client = Elasticsearch(settings.url, **client_kwargs(settings))
+    where = redact_url(settings.url)  # the URL may carry user:password@
     if check:
         try:
             client.cluster.health()
         except ApiError as err:
             if err.meta.status in (401, 403):
                 raise ElasticsearchUnavailable(
-                    f"Elasticsearch at {settings.url} refused the credentials (HTTP {err.meta.status}); "
+                    f"Elasticsearch at {where} refused the credentials (HTTP {err.meta.status}); "
                     "set ELASTICSEARCH_API_KEY or ELASTICSEARCH_USERNAME/ELASTICSEARCH_PASSWORD") from None
-            raise ElasticsearchUnavailable(f"Elasticsearch at {settings.url} answered HTTP {err.meta.status}: "
+            raise ElasticsearchUnavailable(f"Elasticsearch at {where} answered HTTP {err.meta.status}: "
                                            f"{err.message}") from None
         except TransportError as err:
-            raise ElasticsearchUnavailable(f"cannot reach Elasticsearch at {settings.url}: "
+            raise ElasticsearchUnavailable(f"cannot reach Elasticsearch at {where}: "
                                            f"{type(err).__name__}: {err.message}") from None
     return client
 

@@ -20,7 +20,9 @@ import logging
 import re
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
+from newsbeam.transforms.redact import redact_url, redact_urls_in
 from newsbeam.transforms.settings import Feed, FetchSettings
 
 _LOG = logging.getLogger(__name__)
@@ -142,11 +144,11 @@ def on_failure(state: FeedState, feed: Feed, *, now: float, error_class: str, er
 def health_doc(state: FeedState, feed: Feed) -> dict[str, Any]:
     """The `newsbeam-feeds` document for one feed."""
     return {
-        "feed_id": feed_id(feed.url), "feed_url": feed.url, "name": feed.name or None,
-        "publisher": feed.publisher or None, "host": (feed.url.split("/")[2:3] or [""])[0].lower(),
-        "final_url": state.final_url, "last_attempt": _iso(state.last_attempt),
+        "feed_id": feed_id(feed.url), "feed_url": redact_url(feed.url), "name": feed.name or None,
+        "publisher": feed.publisher or None, "host": (urlsplit(feed.url).hostname or "").lower(),
+        "final_url": redact_url(state.final_url) if state.final_url else state.final_url, "last_attempt": _iso(state.last_attempt),
         "last_success": _iso(state.last_success), "last_change": _iso(state.last_change),
-        "http_status": state.http_status, "error_class": state.error_class, "error": state.error,
+        "http_status": state.http_status, "error_class": state.error_class, "error": redact_urls_in(state.error) if state.error else state.error,
         "consecutive_failures": state.consecutive_failures, "unchanged_polls": state.unchanged_polls,
         "items_seen": state.items_seen, "next_poll": _iso(state.next_due), "dead": state.dead,
         "etag": state.etag, "last_modified": state.last_modified, "body_hash": state.body_hash,

@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.fetch import FetchError, PoliteExecutor, fetch, host_of, new_session
+from newsbeam.transforms.redact import redact_url
 from newsbeam.transforms.settings import Feed, FetchSettings
 
 _LOG = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def fetch_full_text(session, feed: Feed, article: dict[str, Any], settings: Fetc
 class FetchFullTextFn(BatchingDoFn):
     stage = "full_text"
     def __init__(self, feeds: tuple[Feed, ...], settings: FetchSettings):
-        self._feeds = {feed.url: feed for feed in feeds if feed.full_text}
+        # Articles carry the redacted feed URL (transforms/parse.py).
+        self._feeds = {redact_url(feed.url): feed for feed in feeds if feed.full_text}
         self._settings = settings
         self.batch_size = 32
         self._extracted = Metrics.counter("newsbeam", "full_text_extracted")

@@ -24,6 +24,7 @@ from apache_beam.metrics import Metrics
 from newsbeam.transforms import clock
 from newsbeam.transforms.deadletter import DEAD, dead_letter
 from newsbeam.transforms.fetch import FetchResult
+from newsbeam.transforms.redact import redact_url
 
 _LOG = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_00
             "title": (entry.get("title", "") or "")[:cap],
             "summary_html": summary[:cap],
             "content_html": content[:cap],
-            "feed_url": result.feed.url,
+            "feed_url": redact_url(result.feed.url),  # a feed URL may carry user:password@
             "source": source,
             "publisher": publisher,
             "author": (entry.get("author", "") or "")[:1024] or None,
@@ -214,7 +215,7 @@ def timed_read_feed(result: FetchResult, max_items: int, max_entry_chars: int) -
 
 
 def parse_dead_letter(result: FetchResult, parsed: ParsedFeed) -> dict[str, Any]:
-    return dead_letter("parse", parsed.reason, parsed.problem or "", feed_url=result.feed.url,
+    return dead_letter("parse", parsed.reason, parsed.problem or "", feed_url=redact_url(result.feed.url),
                        payload=result.body[:2000].decode("utf-8", "replace"))
 
 

@@ -38,6 +38,7 @@ from newsbeam.transforms.deadletter import DEAD, dead_letter
 from newsbeam.transforms.feedstate import FeedState, body_hash, health_doc, load_states, max_age, on_failure, on_success
 from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
 from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
+from newsbeam.transforms.redact import redact_url, redact_urls_in
 from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings
 from newsbeam.transforms.workers import WorkerPool
 
@@ -241,7 +242,7 @@ class PollShardFn(beam.DoFn):
             known[url] = state
             self._count(outcome, articles)
             if outcome.error is not None:
-                _LOG.warning("fetch failed for %s: %s", url, outcome.error)
+                _LOG.warning("fetch failed for %s: %s", redact_url(url), redact_urls_in(str(outcome.error)))
             self._lag.update(int(max(0.0, outcome.started - due) * 1000))
             timing.observe("poll_lag_s", max(0.0, outcome.started - due))
             backlog.extend(articles)
