@@ -56,6 +56,7 @@ from newsbeam.transforms.rules import (
     term_forms,
 )
 from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, Settings
+from newsbeam.transforms.volume import VOLUME_ALERT_FIELDS, VolumeAlerts
 
 _LOG = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ ALERT_MAPPINGS: dict[str, Any] = {
             "target": KEYWORD, "status": KEYWORD, "attempts": {"type": "integer"},
             "digest_seconds": {"type": "integer"}, "next_attempt": DATE, "claimed_until": DATE,
             "delivered_at": DATE, "last_error": {"type": "text", "index": False}}},
+        **VOLUME_ALERT_FIELDS,
     },
 }
 
@@ -89,6 +91,8 @@ def ensure_alert_indices(client: Elasticsearch, settings: AlertSettings) -> None
     """Creates the rules and alerts indices when missing (idempotent, safe to race)."""
     for index, mappings in ((settings.rules_index, RULE_MAPPINGS), (settings.alerts_index, ALERT_MAPPINGS)):
         if client.indices.exists(index=index):
+            # Fields added since the index was made (volume alerts); adding fields is always allowed.
+            client.indices.put_mapping(index=index, properties=mappings["properties"])
             continue
         try:
             client.indices.create(index=index, mappings=mappings, settings=INDEX_SETTINGS)
@@ -129,7 +133,7 @@ class RuleBook:
     def current(self) -> list[CompiledRule]:
         if time.monotonic() - self._loaded_at >= self._ttl:
             try:
-                rules = read_rules(self._client, self._index)
+                rules = [rule for rule in read_rules(self._client, self._index) if rule.volume is None]
                 self._rules = [self._compile(rule) for rule in rules]
                 self._loaded_at = time.monotonic()
             except (ApiError, TransportError) as err:
@@ -143,6 +147,14 @@ class RuleBook:
                 self._compiled.clear()
             self._compiled[key] = compile_rule(rule, self._lemmatizer())
         return self._compiled[key]
+
+
+def volume_alerts(es: ElasticsearchSettings, alerts: AlertSettings, model: str,
+                  lemmatize: Lemmatizer | None = None) -> VolumeAlerts:
+    """The volume rules' evaluator (transforms/volume.py), reading this module's rules index and
+    writing to its alerts index."""
+    return VolumeAlerts(es, alerts, model, read_rules=lambda client: read_rules(client, alerts.rules_index),
+                        ensure_indices=lambda client: ensure_alert_indices(client, alerts), lemmatize=lemmatize)
 
 
 # --- alert documents ---------------------------------------------------------------------
@@ -261,9 +273,10 @@ class CreateAlertsFn(BatchingDoFn):
 
     batch_size = 50
 
-    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings):
+    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings, model: str):
         self._es = es
         self._alerts = alerts
+        self._model = model
         self._created = Metrics.counter("newsbeam", "alerts_created")
         self._existing = Metrics.counter("newsbeam", "alerts_already_present")
         self._failed = Metrics.counter("newsbeam", "alerts_failed")
@@ -274,6 +287,8 @@ class CreateAlertsFn(BatchingDoFn):
         self._writer = BulkWriter(self._client, self._alerts.alerts_index, "alert_id", "create")
         # Started here, so a worker also sends what an earlier run left pending.
         self._outbox = Outbox.shared(self._es, self._alerts)
+        # VOLUME ALERTS HOOK: evaluated from the outbox loop; move this call into delivery's own loop.
+        self._outbox.also_run("volume", volume_alerts(self._es, self._alerts, self._model).run_due)
 
     def handle_batch(self, pairs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> Iterator[list[Any]]:
         alerts = [alert for _, matched in pairs for alert in matched]
@@ -341,7 +356,7 @@ class MatchAlerts(beam.PTransform):
             self._es, self._alerts, self._model, self._reload_seconds, shared.Shared())).with_outputs(
             DEAD, main="matched")
         stored = matched.matched | "CreateAlerts" >> beam.ParDo(
-            CreateAlertsFn(self._es, self._alerts)).with_outputs(CREATED, DEAD, main="articles")
+            CreateAlertsFn(self._es, self._alerts, self._model)).with_outputs(CREATED, DEAD, main="articles")
         # Two dead-letter outputs, not one Flatten: see WriteDeadLetters.
         return {"articles": stored.articles, CREATED: stored[CREATED], DEAD: matched[DEAD],
                 STORE_DEAD: stored[DEAD]}

@@ -77,14 +77,20 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
 # --- rendering ---------------------------------------------------------------------------
 
 _HIGHLIGHT = re.compile(r"\*\*(.+?)\*\*")
+_VOLUME_PAYLOAD = ("kind", "volume_key", "window_start", "window_end", "count", "distinct_sources", "baseline",
+                   "baseline_counts", "threshold", "articles")
 
 
 def alert_payload(alert: dict[str, Any]) -> dict[str, Any]:
-    """What a webhook receives for one alert (and, in a list, for a digest)."""
-    return {"alert_id": alert["alert_id"], "rule": alert["rule"], "matched_terms": alert.get("matched_terms", []),
-            "snippet": alert.get("snippet", ""), "matched_at": alert.get("matched_at"),
-            "article": {key: alert.get(key) for key in
-                        ("article_id", "title", "url", "source", "publisher", "published_at", "topics")}}
+    """What a webhook receives for one alert (and, in a list, for a digest); a volume alert
+    adds its evidence under `volume`."""
+    payload = {"alert_id": alert["alert_id"], "rule": alert["rule"], "matched_terms": alert.get("matched_terms", []),
+               "snippet": alert.get("snippet", ""), "matched_at": alert.get("matched_at"),
+               "article": {key: alert.get(key) for key in
+                           ("article_id", "title", "url", "source", "publisher", "published_at", "topics")}}
+    if alert.get("kind"):
+        payload["volume"] = {key: alert.get(key) for key in _VOLUME_PAYLOAD}
+    return payload
 
 
 def digest_payload(rule: str, alerts: list[dict[str, Any]], now: float) -> dict[str, Any]:
@@ -249,6 +255,11 @@ class Outbox:
         self._sweeps = 0
         self._busy = False
         self._thread: threading.Thread | None = None
+        self._periodic: dict[str, Callable[[], Any]] = {}
+
+    def also_run(self, name: str, work: Callable[[], Any]) -> None:
+        """Runs `work` before every sweep (once per name: the volume alerts' evaluation)."""
+        self._periodic.setdefault(name, work)
 
     @classmethod
     def shared(cls, es: ElasticsearchSettings, settings: AlertSettings) -> Outbox:
@@ -312,6 +323,11 @@ class Outbox:
             with self._progress:
                 self._wakeup.clear()
                 self._busy = True
+            for work in list(self._periodic.values()):
+                try:
+                    work()
+                except Exception:  # periodic work never holds deliveries up
+                    _LOG.exception("alert outbox: periodic work failed; will retry")
             try:
                 self.sweep()
             except (ApiError, TransportError) as err:
