@@ -191,7 +191,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     if failed:
         raise ConfigError("could not save: " + "; ".join(f"{f['_id']}: {f['error'].get('reason')}" for f in failed))
     for rule in rules:
-        print(f"imported {rule.name}: {rule.query}")
+        print(f"imported {rule.name}: {f'[{rule.kind}] ' if rule.volume else ''}{rule.query}")
     return 0
 
 

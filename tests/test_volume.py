@@ -8,6 +8,7 @@ One end-to-end case serves a history as RSS from a loopback feed server through 
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -16,11 +17,11 @@ import pytest
 
 from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import ElasticsearchSettings, Settings
-from newsbeam.transforms.alerts import ensure_alert_indices, volume_alerts
+from newsbeam.transforms.alerts import RuleBook, ensure_alert_indices, volume_alerts
 from newsbeam.transforms.clock import iso
 from newsbeam.transforms.delivery import Outbox
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
-from newsbeam.transforms.rules import Rule, spacy_lemmatizer
+from newsbeam.transforms.rules import Rule, RuleError, spacy_lemmatizer
 from newsbeam.transforms.volume import CATCH_UP, Firing, compile_volume, due_at, replay
 from tests.feedserver import rss
 from tests.receivers import WebhookReceiver
@@ -109,8 +110,8 @@ def lemmatize(nlp):
     return spacy_lemmatizer(nlp)
 
 
-def rule(name: str, query: str = "", **kind) -> Rule:
-    return Rule.from_doc({"name": name, "query": query, **kind})
+def rule(name: str, query: str = "", **doc) -> Rule:
+    return Rule.from_doc({"name": name, "query": query, **doc})
 
 
 def fired(es, archive, lemmatize, the_rule: Rule, since: float = T0, until: float = END) -> list[Firing]:
@@ -124,6 +125,36 @@ def at(firings: list[Firing]) -> list[tuple[str, str]]:
 
 def day_hour(days: int, hours: int) -> str:
     return iso(T0 + days * DAY + hours * HOUR)[:16]
+
+
+def test_volume_rules_round_trip_and_bad_settings_are_named():
+    for doc in ({"name": "a", "query": "ventilator", "spike": {"ratio": "2.5x", "direction": "both"}},
+                {"name": "b", "first_mention": {"field": "org", "unseen": "10d"}, "digest": "1h"},
+                {"name": "c", "spread": {"sources": 4, "window": "30m", "by": "indexed_at"}},
+                {"name": "d", "silence": {"after": "auto", "feeds": ["https://x.example/rss"]}}):
+        saved = Rule.from_doc(doc)
+        assert Rule.from_doc(saved.to_doc()) == saved and saved.kind == next(iter(set(doc) & {
+            "spike", "first_mention", "spread", "silence"}))
+    assert Rule.from_doc({"name": "b", "first_mention": {}}).volume.min_count == 3
+    for doc, problem in (({"spike": {"ratio": "1x"}}, "spike: ratio '1x' must be above 1"),
+                         ({"spike": {"baseline": "90m"}}, "spike: baseline must be a whole number of windows"),
+                         ({"spread": {}}, "spread: needs sources"),
+                         ({"spread": {"sources": 3, "ratio": 2}}, "spread: unknown key(s) ratio"),
+                         ({"silence": {"after": "soon"}}, "duration 'soon'"),
+                         ({"spike": {}, "spread": {"sources": 2}}, "one rule kind at a time"),
+                         ({"first_mention": {"field": "colour"}}, "field must be one of"),
+                         ({"spike": {"window": "90s"}}, "must be whole minutes")):
+        with pytest.raises(RuleError, match=re.escape(problem)):
+            Rule.from_doc({"name": "bad", **doc})
+    with pytest.raises(RuleError, match="needs a 'name' and a 'query'"):
+        Rule.from_doc({"name": "match-rule-without-query"})
+
+
+def test_the_per_article_matcher_leaves_volume_rules_alone(es, live_alerts, lemmatize):
+    book = RuleBook(es, live_alerts.alerts.rules_index, 0.0, lambda: lemmatize)
+    es.index(index=live_alerts.alerts.rules_index, id="per-article", refresh=True,
+             document=rule("per-article", "ventilator").to_doc())
+    assert [c.rule.name for c in book.current()] == ["per-article"]  # the live rules here are all volume rules
 
 
 # --- each kind: the event fires once, what is steady never does, the warm-up holds -----------------
@@ -345,3 +376,33 @@ def test_a_burst_served_as_a_feed_through_newsbeam_run_fires_one_spike(tmp_path,
         item["title"] for item in items[-8:])
     [stored] = stored_alerts(es, settings)
     assert stored["alert_id"] == firing.firing_id and stored["count"] == 8
+
+
+def test_the_outbox_loop_runs_the_evaluation_and_sends_a_firing_with_real_time(es, es_settings, settings, lemmatize):
+    """The hook: an outbox started as the pipeline starts it evaluates the volume rules before its
+    sweeps, on the real clock. The history is the last quarter of an hour, a minute per window."""
+    minute = int(datetime.now(UTC).timestamp()) // 60 * 60 - 120  # the last minute that is due now
+    docs = [article(f"steady-{m}", minute - m * 60 + 5, "ventilator supply", BUSY[m % 4], late=1) for m in range(14)]
+    docs += [article(f"burst-{i}", minute + 10 + i, "ventilator supply", BUSY[i % 4], late=1) for i in range(8)]
+    ensure_indices(es, es_settings)
+    assert {o for o, _ in BulkWriter(es, es_settings.articles_alias, "article_id").write(docs)} == {"written"}
+    es.indices.refresh(index=es_settings.articles_alias)
+    prefix = es_settings.articles_alias.rsplit("-", 1)[0]
+    alerts = dataclasses.replace(settings.alerts, rules_index=f"{prefix}-rules", alerts_index=f"{prefix}-alerts",
+                                 sweep_interval=0.5)
+    with WebhookReceiver() as hook:
+        the_rule = rule("minute-spike", "ventilator", notify=[f"webhook:{hook.url('/loop')}"], spike={
+            "ratio": "3x", "window": "1m", "baseline": "10m", "min": 5, "settle": "0"})
+        ensure_alert_indices(es, alerts)
+        es.index(index=alerts.rules_index, id=the_rule.name, document=the_rule.to_doc(), refresh=True)
+        client = connect(es_settings)
+        outbox = Outbox(client, alerts)
+        outbox.also_run("volume", volume_alerts(es_settings, alerts, "", lemmatize).run_due)
+        outbox.start()
+        try:
+            [body] = hook.wait_for(1, "/loop", timeout=60)
+        finally:
+            outbox.stop()
+            client.close()
+    assert body["rule"] == "minute-spike" and body["volume"]["count"] == 9
+    assert body["volume"]["window_start"] == iso(minute) and body["volume"]["baseline"] == 1.0

@@ -326,6 +326,9 @@ class Outbox:
             for work in list(self._periodic.values()):
                 try:
                     work()
+                except (ApiError, TransportError) as err:
+                    _LOG.warning("alert outbox: periodic work: Elasticsearch unavailable (%s); will retry",
+                                 type(err).__name__)
                 except Exception:  # periodic work never holds deliveries up
                     _LOG.exception("alert outbox: periodic work failed; will retry")
             try:

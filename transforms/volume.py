@@ -183,6 +183,15 @@ class _Window:
         return {"top_hits": {"size": size or self.spec.limit, "sort": [{self.field: "desc" if newest_first else "asc"}],
                              "_source": {"includes": EVIDENCE_FIELDS}}}
 
+    def evidence_by(self, field: str, values: list[str]) -> dict[str, dict[str, Any]]:
+        """The evidence articles in the window for each of `values` of `field` (asked for only
+        once they fire: top hits for every candidate would cost more than the counting)."""
+        aggs = self.aggregate({"current": self.matching(self.start, self.end, {"values": {
+            "terms": {"field": field, "size": len(values), "include": values}, "aggs": {"articles": self.evidence()}}})},
+            query={"terms": {field: values}})
+        assert aggs is not None
+        return {b["key"]: b["articles"] for b in aggs["current"]["values"]["buckets"]}
+
     def firing(self, key: str, count: int, sources: int, summary: str, hits: dict[str, Any], **extra: Any) -> Firing:
         articles = tuple(hit["_source"] for hit in hits["hits"]["hits"])
         return Firing(self.rule.rule.name, self.spec.kind, key, self.start, self.end, count, sources, summary,
@@ -235,8 +244,7 @@ def _first_mention(w: _Window) -> list[Firing]:
                          f"first mention: {current['doc_count']} articles from {current['sources']['value']} sources, "
                          f"none in the {span(spec.unseen)} before", current["articles"])]
     aggs = w.aggregate({"current": w.matching(w.start, w.end, {"values": {
-        "terms": {"field": field, "size": _CANDIDATES, "min_doc_count": spec.min_count},
-        "aggs": {**_SOURCES, "articles": w.evidence()}}})})
+        "terms": {"field": field, "size": _CANDIDATES, "min_doc_count": spec.min_count}, "aggs": _SOURCES}})})
     if aggs is None or not w.warm(aggs, spec.unseen):
         return []
     candidates = {b["key"]: b for b in aggs["current"]["values"]["buckets"]
@@ -248,24 +256,26 @@ def _first_mention(w: _Window) -> list[Firing]:
                          query=_and({"terms": {field: sorted(candidates)}}, _between(w.field, *seen)))
     assert before is not None
     known = {b["key"] for b in before["seen"]["buckets"]}
-    return [w.firing(value, b["doc_count"], b["sources"]["value"],
-                     f"first mention of {spec.field} {value!r}: {b['doc_count']} articles from "
-                     f"{b['sources']['value']} sources, none in the {span(spec.unseen)} before",
-                     b["articles"]) for value, b in sorted(candidates.items()) if value not in known]
+    new = sorted(value for value in candidates if value not in known)
+    evidence = w.evidence_by(field, new) if new else {}
+    return [w.firing(value, candidates[value]["doc_count"], candidates[value]["sources"]["value"],
+                     f"first mention of {spec.field} {value!r}: {candidates[value]['doc_count']} articles from "
+                     f"{candidates[value]['sources']['value']} sources, none in the {span(spec.unseen)} before",
+                     evidence[value]) for value in new]
 
 
 def _spread(w: _Window) -> list[Firing]:
     spec = w.spec
     aggs = w.aggregate({"current": w.matching(w.start, w.end, {"stories": {
         "terms": {"field": "story_id", "size": _CANDIDATES, "min_doc_count": spec.min_sources,
-                  "order": [{"sources": "desc"}, {"_key": "asc"}]},
-        "aggs": {**_SOURCES, "articles": w.evidence()}}})})
+                  "order": [{"sources": "desc"}, {"_key": "asc"}]}, "aggs": _SOURCES}})})
     if aggs is None or not w.warm(aggs, spec.window):
         return []
+    spread = [b for b in aggs["current"]["stories"]["buckets"] if b["sources"]["value"] >= spec.min_sources]
+    evidence = w.evidence_by("story_id", sorted(b["key"] for b in spread)) if spread else {}
     return [w.firing(b["key"], b["doc_count"], b["sources"]["value"],
                      f"story spread: {b['doc_count']} copies from {b['sources']['value']} sources in "
-                     f"{span(spec.window)}", b["articles"])
-            for b in aggs["current"]["stories"]["buckets"] if b["sources"]["value"] >= spec.min_sources]
+                     f"{span(spec.window)}", evidence[b["key"]]) for b in spread]
 
 
 def _usual_gap(w: _Window) -> float | None:
@@ -401,7 +411,11 @@ class VolumeAlerts:
         now = time.time() if now is None else now
         client = self._connect()
         stored: list[Firing] = []
-        for rule in self.current_rules():
+        rules = self.current_rules()
+        if rules and not self._indices_ready:  # before reading earlier firings: their fields must be mapped
+            self._ensure_indices(client)
+            self._indices_ready = True
+        for rule in rules:
             version = _version(rule.rule)
             if version not in self._after:
                 self._after[version] = now - self._catch_up
@@ -434,9 +448,6 @@ class VolumeAlerts:
     def _store(self, client: Elasticsearch, rule: Rule, firings: list[Firing], now: float) -> list[Firing]:
         if not firings:
             return []
-        if not self._indices_ready:
-            self._ensure_indices(client)
-            self._indices_ready = True
         docs = [firing_alert(rule, firing, now) for firing in firings]
         outcomes = BulkWriter(client, self._alerts.alerts_index, "alert_id", "create").write(docs)
         stored = []
