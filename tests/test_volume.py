@@ -340,6 +340,10 @@ def test_alerts_add_show_and_test_a_volume_rule(tmp_path, es, archive, live_aler
     assert "silence: nothing for 6h30m (more than 6h)" in capsys.readouterr().out
     assert cli.main(["alerts", "list", "--config", config]) == 0
     assert "[spike] ventilator" in capsys.readouterr().out
+    assert cli.main(["alerts", "show", "vent-spike", "--config", config]) == 0
+    shown = capsys.readouterr().out
+    assert "query:  ventilator" in shown and "ratio 3x, baseline 7d, min 5, direction up" in shown
+    assert "alerts: 0 (0 with deliveries pending)" in shown
 
 
 def test_a_burst_served_as_a_feed_through_newsbeam_run_fires_one_spike(tmp_path, es, settings, feed_server):

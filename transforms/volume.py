@@ -189,8 +189,8 @@ class _Window:
         aggs = self.aggregate({"current": self.matching(self.start, self.end, {"values": {
             "terms": {"field": field, "size": len(values), "include": values}, "aggs": {"articles": self.evidence()}}})},
             query={"terms": {field: values}})
-        assert aggs is not None
-        return {b["key"]: b["articles"] for b in aggs["current"]["values"]["buckets"]}
+        found = {b["key"]: b["articles"] for b in aggs["current"]["values"]["buckets"]} if aggs else {}
+        return {value: found.get(value, _NO_HITS) for value in values}
 
     def firing(self, key: str, count: int, sources: int, summary: str, hits: dict[str, Any], **extra: Any) -> Firing:
         articles = tuple(hit["_source"] for hit in hits["hits"]["hits"])
@@ -199,6 +199,7 @@ class _Window:
 
 
 _SOURCES = {"sources": {"cardinality": {"field": "source"}}}
+_NO_HITS: dict[str, Any] = {"hits": {"hits": []}}  # the index went away between two queries
 
 
 def _spike(w: _Window) -> list[Firing]:
@@ -254,7 +255,8 @@ def _first_mention(w: _Window) -> list[Firing]:
     # Seen anywhere in the index, not only among the rule's matches: "new" means new to the news.
     before = w.aggregate({"seen": {"terms": {"field": field, "size": len(candidates), "include": sorted(candidates)}}},
                          query=_and({"terms": {field: sorted(candidates)}}, _between(w.field, *seen)))
-    assert before is not None
+    if before is None:
+        return []
     known = {b["key"] for b in before["seen"]["buckets"]}
     new = sorted(value for value in candidates if value not in known)
     evidence = w.evidence_by(field, new) if new else {}
