@@ -160,6 +160,7 @@ def cmd_run(argv: list[str]) -> int:
     from newsbeam.pipeline.beam_fixes import bound_fnapi_metrics, cheap_state_weights
     from newsbeam.pipeline.build import build_pipeline
     from newsbeam.pipeline.options import NewsbeamOptions
+    from newsbeam.transforms.alerts import volume_job
     from newsbeam.transforms.delivery import DeliveryLoop
     from newsbeam.transforms.elastic import connect, ensure_indices
     from newsbeam.transforms.topics import Taxonomy
@@ -190,7 +191,8 @@ def cmd_run(argv: list[str]) -> int:
     stop = threading.Event()
     threading.Thread(target=_report_progress, args=(client, settings, stop), daemon=True).start()
     # Alerts are delivered here, beside the pipeline, never from a worker: see `alerts deliver`.
-    delivery = DeliveryLoop.connect(settings.elasticsearch, settings.alerts).start()
+    delivery = DeliveryLoop.connect(settings.elasticsearch, settings.alerts, jobs=[
+        volume_job(settings.elasticsearch, settings.alerts, settings.nlp.model)]).start()
     started = time.monotonic()
     result = None
     finished = False

@@ -32,6 +32,8 @@ from newsbeam.pipeline.kibana import DASHBOARD_ID, KIBANA_VERSION, OBJECTS_DIR, 
 from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.elastic import DATE, KEYWORD, TEXT_WITH_KEYWORD, BulkWriter, connect, ensure_indices
 from newsbeam.transforms.feedstate import FeedState, health_doc
+from newsbeam.transforms.rules import Rule
+from newsbeam.transforms.volume import Firing, firing_alert
 from tests.conftest import REPO
 from tests.fixture_corpus import index_fixture_articles
 
@@ -64,7 +66,9 @@ ALLOWED_ATTRIBUTES = {
 # the saved objects are written against (field -> mapping).
 EXPECTED_ALERT_MAPPING = {"rule": KEYWORD, "article_id": KEYWORD, "title": TEXT_WITH_KEYWORD, "url": KEYWORD,
                           "source": KEYWORD, "matched_terms": KEYWORD, "snippet": {"type": "text"},
-                          "matched_at": DATE}
+                          "matched_at": DATE, "kind": KEYWORD, "count": {"type": "long"},
+                          "baseline": {"type": "double"}, "distinct_sources": {"type": "long"},
+                          "window_end": DATE}
 
 
 def alert_mapping() -> tuple[dict | None, str]:
@@ -174,7 +178,7 @@ def test_every_file_is_ndjson_of_objects_kibana_can_import():
     for path in files:
         for line in path.read_text().splitlines():
             assert isinstance(json.loads(line), dict)
-    assert len(BY_KEY) == len(OBJECTS) == 12  # (type, id) unique
+    assert len(BY_KEY) == len(OBJECTS) == 13  # (type, id) unique
     for obj in OBJECTS:
         kind = obj["type"]
         assert isinstance(obj["id"], str) and re.fullmatch(r"[a-z0-9-]+", obj["id"])
@@ -203,7 +207,7 @@ def test_the_objects_the_issue_asks_for_are_there():
     assert {defaults.articles_alias, defaults.deadletter_index, defaults.feeds_index} <= view_titles
     assert {s["attributes"]["title"] for s in SEARCHES} == {
         "Latest articles", "Topic: medical equipment aid", "Articles by entity", "Dead letters in the last day",
-        "Latest alerts", "Failing feeds"}
+        "Latest alerts", "Volume alerts", "Failing feeds"}
     assert DASHBOARD["id"] == DASHBOARD_ID and DASHBOARD["attributes"]["title"] == "News overview"
     assert [p["title"] for p in PANELS] == ["Articles over time by topic", "Top persons", "Top organizations",
                                             "Top locations", "Top sources", "Latest alerts", "Failing feeds"]
@@ -372,7 +376,13 @@ def stack(es_url, nlp):
          "snippet": "ship <em>ventilators</em>", "matched_at": iso(timedelta(hours=1))},
         {"alert_id": "a-new", "rule": "aid-to-italy", "article_id": ids["late"], "title": "Germany donates masks",
          "url": "https://news.example.org/europe/germany-masks-italy", "source": "wire.example.net",
-         "matched_terms": ["mask"], "snippet": "donates <em>masks</em>", "matched_at": iso(timedelta(minutes=1))}]
+         "matched_terms": ["mask"], "snippet": "donates <em>masks</em>", "matched_at": iso(timedelta(minutes=1))},
+        firing_alert(Rule.from_doc({"name": "ventilator-spike", "query": "ventilator", "spike": {}}), Firing(
+            "ventilator-spike", "spike", "up", int(ago(timedelta(hours=2)).timestamp()) // 3600 * 3600,
+            int(ago(timedelta(hours=1)).timestamp()) // 3600 * 3600, 24, 4, "spike: 24 articles in 1h against 4.0",
+            baseline=4.0, baseline_counts=(4,) * 168, threshold=3.0,
+            articles=({"article_id": ids["ventilators"], "title": "U.S. to ship ventilators to Russia"},)),
+            ago(timedelta(minutes=30)).timestamp())]
     assert all(o == "written" for o, _ in BulkWriter(client, alerts_index, "alert_id", op="index").write(alerts))
 
     indices = {"news-articles": es_settings.articles_alias, "newsbeam-deadletters": es_settings.deadletter_index,
@@ -428,7 +438,8 @@ EXPECTED_RESULTS = {
     "newsbeam-topic-medical-equipment-aid": ("article", ["ventilators", "late"]),
     "newsbeam-by-entity": ("article", ["ventilators"]),
     "newsbeam-deadletters-last-day": ("reason", ["unparseable_feed", "http_status"]),
-    "newsbeam-latest-alerts": ("rule", ["aid-to-italy", "ventilators-russia"]),
+    "newsbeam-latest-alerts": ("rule", ["aid-to-italy", "ventilator-spike", "ventilators-russia"]),
+    "newsbeam-volume-alerts": ("rule", ["ventilator-spike"]),
     "newsbeam-failing-feeds": ("feed_url", ["https://gone.example.org/rss", "https://down.example.org/rss"]),
 }
 
@@ -600,7 +611,7 @@ def test_setup_imports_every_object_in_one_overwriting_multipart_request(kibana,
     assert field == "file" and filename.endswith(".ndjson")
     assert [json.loads(line) for line in content.decode().splitlines()] == OBJECTS
     assert set(kibana.saved) == set(BY_KEY)
-    assert out.strip() == (f"imported 12 saved objects (1 dashboard, 5 index-pattern, 6 search) into Kibana "
+    assert out.strip() == (f"imported 13 saved objects (1 dashboard, 5 index-pattern, 7 search) into Kibana "
                            f"{KIBANA_VERSION} at {kibana.url}; open {kibana.url}/app/dashboards#/view/{DASHBOARD_ID}")
     assert "s3cret-pw" not in out + err
 
@@ -611,7 +622,7 @@ def test_setup_is_idempotent(kibana, capsys, monkeypatch):
     assert run_setup(capsys)[0] == 0  # a stub Kibana answers "conflict" to a second import without overwrite
     first, second = [r for r in kibana.requests if r["method"] == "POST"]
     assert multipart_file(first)[2] == multipart_file(second)[2]
-    assert len(kibana.saved) == 12
+    assert len(kibana.saved) == 13
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -666,12 +677,12 @@ def test_refused_credentials_redacted_status_and_partial_imports_are_explained(k
     assert code == 2 and "did not report its version" in one_error_line(err)
 
     kibana.status_body = None
-    kibana.fail_import_with = {"success": False, "successCount": 11, "errors": [
+    kibana.fail_import_with = {"success": False, "successCount": 12, "errors": [
         {"type": "search", "id": "newsbeam-latest-alerts", "title": "Latest alerts",
          "error": {"type": "missing_references", "references": [{"type": "index-pattern", "id": "newsbeam-alerts"}]}}]}
     code, _, err = run_setup(capsys, "--kibana-url", kibana.url)
     assert code == 2
-    assert ("imported 11 of 12 saved objects; failed: search/newsbeam-latest-alerts "
+    assert ("imported 12 of 13 saved objects; failed: search/newsbeam-latest-alerts "
             "(missing_references: index-pattern/newsbeam-alerts)") in one_error_line(err)
 
 

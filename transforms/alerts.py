@@ -36,7 +36,7 @@ from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 from newsbeam.transforms import timing
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, dead_letter
-from newsbeam.transforms.delivery import ensure_target_state_index, iso, new_deliveries, summarize
+from newsbeam.transforms.delivery import PeriodicJob, ensure_target_state_index, iso, new_deliveries, summarize
 from newsbeam.transforms.elastic import (
     DATE,
     INDEX_SETTINGS,
@@ -59,6 +59,7 @@ from newsbeam.transforms.rules import (
     term_forms,
 )
 from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, Settings
+from newsbeam.transforms.volume import VOLUME_ALERT_FIELDS, VolumeAlerts
 
 _LOG = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ ALERT_MAPPINGS: dict[str, Any] = {
             "target_id": KEYWORD, "target_label": KEYWORD, "status": KEYWORD, "attempts": {"type": "integer"},
             "digest_seconds": {"type": "integer"}, "next_attempt": DATE, "claimed_until": DATE,
             "delivered_at": DATE, "last_error": {"type": "text", "index": False}}},
+        **VOLUME_ALERT_FIELDS,
     },
 }
 
@@ -93,6 +95,8 @@ def ensure_alert_indices(client: Elasticsearch, settings: AlertSettings) -> None
     to race)."""
     for index, mappings in ((settings.rules_index, RULE_MAPPINGS), (settings.alerts_index, ALERT_MAPPINGS)):
         if client.indices.exists(index=index):
+            # Fields added since the index was made (volume alerts); adding fields is always allowed.
+            client.indices.put_mapping(index=index, properties=mappings["properties"])
             continue
         try:
             client.indices.create(index=index, mappings=mappings, settings=INDEX_SETTINGS)
@@ -134,7 +138,7 @@ class RuleBook:
     def current(self) -> list[CompiledRule]:
         if time.monotonic() - self._loaded_at >= self._ttl:
             try:
-                rules = read_rules(self._client, self._index)
+                rules = [rule for rule in read_rules(self._client, self._index) if rule.volume is None]
                 self._rules = [self._compile(rule) for rule in rules]
                 self._loaded_at = time.monotonic()
             except (ApiError, TransportError) as err:
@@ -148,6 +152,21 @@ class RuleBook:
                 self._compiled.clear()
             self._compiled[key] = compile_rule(rule, self._lemmatizer())
         return self._compiled[key]
+
+
+def volume_alerts(es: ElasticsearchSettings, alerts: AlertSettings, model: str,
+                  lemmatize: Lemmatizer | None = None) -> VolumeAlerts:
+    """The volume rules' evaluator (transforms/volume.py), reading this module's rules index and
+    writing to its alerts index."""
+    return VolumeAlerts(es, alerts, model, read_rules=lambda client: read_rules(client, alerts.rules_index),
+                        ensure_indices=lambda client: ensure_alert_indices(client, alerts), lemmatize=lemmatize)
+
+
+def volume_job(es: ElasticsearchSettings, alerts: AlertSettings, model: str,
+               lemmatize: Lemmatizer | None = None) -> PeriodicJob:
+    """The volume rules' evaluation as a job of the delivery loop: cheap between windows (it
+    queries only when a window has become due), so it runs as often as the sweeps."""
+    return PeriodicJob("volume alerts", alerts.sweep_interval, volume_alerts(es, alerts, model, lemmatize).run_due)
 
 
 # --- alert documents ---------------------------------------------------------------------
@@ -266,9 +285,10 @@ class CreateAlertsFn(BatchingDoFn):
 
     batch_size = 50
 
-    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings):
+    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings, model: str):
         self._es = es
         self._alerts = alerts
+        self._model = model
         self._created = Metrics.counter("newsbeam", "alerts_created")
         self._existing = Metrics.counter("newsbeam", "alerts_already_present")
         self._failed = Metrics.counter("newsbeam", "alerts_failed")
@@ -340,7 +360,7 @@ class MatchAlerts(beam.PTransform):
             self._es, self._alerts, self._model, self._reload_seconds, shared.Shared())).with_outputs(
             DEAD, main="matched")
         stored = matched.matched | "CreateAlerts" >> beam.ParDo(
-            CreateAlertsFn(self._es, self._alerts)).with_outputs(CREATED, DEAD, main="articles")
+            CreateAlertsFn(self._es, self._alerts, self._model)).with_outputs(CREATED, DEAD, main="articles")
         # Two dead-letter outputs, not one Flatten: see WriteDeadLetters.
         return {"articles": stored.articles, CREATED: stored[CREATED], DEAD: matched[DEAD],
                 STORE_DEAD: stored[DEAD]}

@@ -131,6 +131,8 @@ def ensure_target_state_index(client: Elasticsearch, settings: AlertSettings) ->
 # --- rendering ---------------------------------------------------------------------------
 
 _HIGHLIGHT = re.compile(r"\*\*(.+?)\*\*")
+_VOLUME_PAYLOAD = ("kind", "volume_key", "window_start", "window_end", "count", "distinct_sources", "baseline",
+                   "baseline_counts", "threshold", "articles")
 
 
 def safe_link(url: Any) -> str:
@@ -149,11 +151,15 @@ def safe_link(url: Any) -> str:
 
 
 def alert_payload(alert: dict[str, Any]) -> dict[str, Any]:
-    """What a webhook receives for one alert (and, in a list, for a digest)."""
+    """What a webhook receives for one alert (and, in a list, for a digest); a volume alert
+    adds its evidence under `volume`."""
     article = {key: alert.get(key) for key in ("article_id", "title", "source", "publisher", "published_at", "topics")}
-    return {"alert_id": alert["alert_id"], "rule": alert["rule"], "matched_terms": alert.get("matched_terms", []),
-            "snippet": alert.get("snippet", ""), "matched_at": alert.get("matched_at"),
-            "article": {**article, "url": safe_link(alert.get("url")) or None}}
+    payload = {"alert_id": alert["alert_id"], "rule": alert["rule"], "matched_terms": alert.get("matched_terms", []),
+               "snippet": alert.get("snippet", ""), "matched_at": alert.get("matched_at"),
+               "article": {**article, "url": safe_link(alert.get("url")) or None}}
+    if alert.get("kind"):
+        payload["volume"] = {key: alert.get(key) for key in _VOLUME_PAYLOAD}
+    return payload
 
 
 def digest_payload(rule: str, alerts: list[dict[str, Any]], now: float) -> dict[str, Any]:

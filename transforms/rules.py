@@ -475,6 +475,145 @@ def _strings(values: Any, where: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in values)
 
 
+# --- volume rule kinds (docs/volume-alerts.md; evaluated by transforms/volume.py) ----------
+
+VOLUME_KINDS = ("spike", "first_mention", "spread", "silence")
+TIME_FIELDS = ("published_at", "indexed_at")
+# first_mention `field` -> the article field whose values are watched; `term` watches the query.
+NEW_VALUE_FIELDS = {"person": "persons", "org": "organizations", "location": "locations",
+                    "entity": "entities.name", "topic": "topics", "term": ""}
+_DIRECTIONS = ("up", "down", "both")
+
+
+def _ratio(value: Any, where: str) -> float:
+    text = str(value).strip().lower().removesuffix("x")
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise RuleError(f"{where}: ratio {value!r}: use a number above 1, e.g. 3x") from None
+    if not ratio > 1:
+        raise RuleError(f"{where}: ratio {value!r} must be above 1")
+    return ratio
+
+
+def _count(value: Any, where: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RuleError(f"{where}: {name} must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeSpec:
+    """A volume rule kind: counts of a rule's matches over closed windows of `window`
+    seconds of `time_field`, instead of one alert per matching article."""
+    kind: str
+    window: int = 3600
+    time_field: str = "published_at"
+    settle: int = 1800  # a window is evaluated this long after it ends; later arrivals are not counted
+    cooldown: int = 0  # after a firing the same rule (and key) stays quiet this long; 0 = 6 windows, at least 1
+    limit: int = 20  # evidence articles kept in the alert
+    feeds: tuple[str, ...] = ()
+    # spike
+    ratio: float = 3.0
+    baseline: int = 7 * 86400
+    min_count: int = 5
+    direction: str = "up"
+    # first_mention
+    field: str = "entity"
+    unseen: int = 30 * 86400
+    min_sources: int = 2
+    # spread (min_sources too)
+    # silence
+    after: int = 0  # 0 = learnt: `factor` times the longest gap within `baseline`
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        where = f"{self.kind} rule"
+        if self.kind not in VOLUME_KINDS:
+            raise RuleError(f"unknown rule kind {self.kind!r} (known: {', '.join(VOLUME_KINDS)})")
+        if self.window < 60 or self.window % 60:
+            raise RuleError(f"{where}: window {format_duration(self.window)} must be whole minutes, at least 1m")
+        if self.time_field not in TIME_FIELDS:
+            raise RuleError(f"{where}: by must be one of {', '.join(TIME_FIELDS)}")
+        if self.direction not in _DIRECTIONS:
+            raise RuleError(f"{where}: direction must be one of {', '.join(_DIRECTIONS)}")
+        if self.field not in NEW_VALUE_FIELDS:
+            raise RuleError(f"{where}: field must be one of {', '.join(NEW_VALUE_FIELDS)}")
+        if self.kind == "spike" and (self.baseline < self.window or self.baseline % self.window):
+            raise RuleError(f"{where}: baseline must be a whole number of windows")
+        if self.kind == "first_mention" and self.unseen < 2 * self.window:
+            raise RuleError(f"{where}: unseen must be at least two windows")
+        if self.settle < 0 or self.cooldown < 0 or self.after < 0 or not self.factor > 0:
+            raise RuleError(f"{where}: settle, cooldown, after and factor must not be negative")
+        _count(self.min_count, where, "min")
+        _count(self.min_sources, where, "sources")
+        _count(self.limit, where, "limit")
+        object.__setattr__(self, "cooldown", max(self.cooldown or 6 * self.window, self.window))
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"window": format_duration(self.window), "by": self.time_field,
+                               "settle": format_duration(self.settle),
+                               "cooldown": format_duration(self.cooldown), "limit": self.limit}
+        if self.feeds:
+            doc["feeds"] = list(self.feeds)
+        if self.kind == "spike":
+            doc.update(ratio=f"{self.ratio:g}x", baseline=format_duration(self.baseline), min=self.min_count,
+                       direction=self.direction)
+        elif self.kind == "first_mention":
+            doc.update(field=self.field, unseen=format_duration(self.unseen), min=self.min_count,
+                       sources=self.min_sources)
+        elif self.kind == "spread":
+            doc.update(sources=self.min_sources)
+        else:
+            doc.update(after=format_duration(self.after) if self.after else "auto", factor=self.factor,
+                       baseline=format_duration(self.baseline))
+        return doc
+
+    @classmethod
+    def from_doc(cls, kind: str, doc: Any) -> VolumeSpec:
+        """A spec from a rule's `spike:`/`first_mention:`/`spread:`/`silence:` mapping."""
+        where = kind
+        if not isinstance(doc, dict):
+            raise RuleError(f"{where}: expected a mapping")
+        known = {"window", "by", "settle", "cooldown", "limit", "feeds", "feed"} | {
+            "spike": {"ratio", "baseline", "min", "direction"},
+            "first_mention": {"field", "unseen", "min", "sources"},
+            "spread": {"sources"},
+            "silence": {"after", "factor", "baseline"}}.get(kind, set())
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise RuleError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        values: dict[str, Any] = {"kind": kind, **({"min_count": 3} if kind == "first_mention" else {})}
+        for key, name in (("window", "window"), ("settle", "settle"), ("cooldown", "cooldown"),
+                          ("baseline", "baseline"), ("unseen", "unseen")):
+            if key in doc:
+                values[name] = parse_duration(doc[key])
+        if "after" in doc and str(doc["after"]).strip().lower() != "auto":
+            values["after"] = parse_duration(doc["after"])
+            if not values["after"]:
+                raise RuleError(f"{where}: after must be a duration or auto")
+        if kind == "spread" and "sources" not in doc:
+            raise RuleError(f"{where}: needs sources (how many distinct sources make a story spread)")
+        if "ratio" in doc:
+            values["ratio"] = _ratio(doc["ratio"], where)
+        if "factor" in doc:
+            try:
+                values["factor"] = float(doc["factor"])
+            except (TypeError, ValueError):
+                raise RuleError(f"{where}: factor must be a number") from None
+        for key, name in (("min", "min_count"), ("sources", "min_sources"), ("limit", "limit")):
+            if key in doc:
+                values[name] = _count(doc[key], where, key)
+        for key, name in (("by", "time_field"), ("direction", "direction"), ("field", "field")):
+            if key in doc:
+                values[name] = str(doc[key]).strip().lower()
+        values["feeds"] = _strings(doc.get("feeds", doc.get("feed")), f"{where}: feeds")
+        try:
+            return cls(**values)
+        except RuleError as err:
+            raise RuleError(f"{where}: {str(err).split(': ', 1)[-1]}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """A saved watch: a query plus optional filters (any of `topics`, any of `sources`,
@@ -487,6 +626,7 @@ class Rule:
     notify: tuple[str, ...] = ("log",)
     digest_seconds: int = 0
     enabled: bool = True
+    volume: VolumeSpec | None = None  # a volume rule kind; None = an alert per matching article
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name or ""):
@@ -507,18 +647,26 @@ class Rule:
         return tuple(parse_target(t) for t in self.notify)
 
     def tree(self) -> Node:
-        """The query ANDed with the filters, unresolved."""
-        parts = [parse_query(self.query)]
+        """The query ANDed with the filters, unresolved. A volume rule may have no query and no
+        filters: then it is the empty And, which every article matches in both back-ends."""
+        parts = [parse_query(self.query)] if self.query.strip() or self.volume is None else []
         for field, values in (("topics", self.topics), ("source", self.sources), ("language", self.languages)):
             if values:
                 terms = tuple(Field(field, value) for value in values)
                 parts.append(terms[0] if len(terms) == 1 else Or(terms))
         return parts[0] if len(parts) == 1 else And(tuple(parts))
 
+    @property
+    def kind(self) -> str:
+        return self.volume.kind if self.volume else "match"
+
     def to_doc(self) -> dict[str, Any]:
-        return {"name": self.name, "query": self.query, "topics": list(self.topics), "sources": list(self.sources),
-                "languages": list(self.languages), "notify": list(self.notify),
-                "digest_seconds": self.digest_seconds, "enabled": self.enabled}
+        doc = {"name": self.name, "query": self.query, "topics": list(self.topics), "sources": list(self.sources),
+               "languages": list(self.languages), "notify": list(self.notify),
+               "digest_seconds": self.digest_seconds, "enabled": self.enabled}
+        if self.volume:
+            doc[self.volume.kind] = self.volume.to_doc()
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], where: str = "rule") -> Rule:
@@ -526,18 +674,23 @@ class Rule:
         if not isinstance(doc, dict):
             raise RuleError(f"{where}: expected a mapping")
         known = {"name", "query", "topics", "topic", "sources", "source", "languages", "language", "notify",
-                 "digest", "digest_seconds", "enabled", "created_at", "updated_at"}
+                 "digest", "digest_seconds", "enabled", "created_at", "updated_at", *VOLUME_KINDS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise RuleError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        kinds = [kind for kind in VOLUME_KINDS if kind in doc]
+        if len(kinds) > 1:
+            raise RuleError(f"{where}: one rule kind at a time, not {' and '.join(kinds)}")
         name = doc.get("name")
-        if not isinstance(name, str) or not isinstance(doc.get("query"), str):
+        query = doc.get("query", "" if kinds else None)
+        if not isinstance(name, str) or not isinstance(query, str):
             raise RuleError(f"{where}: needs a 'name' and a 'query' (strings)")
         digest = doc.get("digest_seconds", doc.get("digest") or 0)
         if not isinstance(doc.get("enabled", True), bool):  # bool("false") would be True
             raise RuleError(f"{where}: enabled must be true or false, got {doc['enabled']!r}")
         try:
-            return cls(name=name, query=doc["query"],
+            volume = VolumeSpec.from_doc(kinds[0], doc[kinds[0]]) if kinds else None
+            return cls(name=name, query=query, volume=volume,
                        topics=_strings(doc.get("topics", doc.get("topic")), f"{where}: topics"),
                        sources=_strings(doc.get("sources", doc.get("source")), f"{where}: sources"),
                        languages=_strings(doc.get("languages", doc.get("language")), f"{where}: languages"),
