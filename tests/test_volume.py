@@ -19,9 +19,9 @@ from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import ElasticsearchSettings, Settings
 from newsbeam.transforms.alerts import RuleBook, ensure_alert_indices, volume_alerts, volume_job
 from newsbeam.transforms.clock import iso
-from newsbeam.transforms.delivery import DeliveryLoop, Outbox
+from newsbeam.transforms.delivery import DeliveryLoop, Outbox, target_id
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
-from newsbeam.transforms.rules import Rule, RuleError, spacy_lemmatizer
+from newsbeam.transforms.rules import Rule, RuleError, parse_target, spacy_lemmatizer
 from newsbeam.transforms.volume import CATCH_UP, Firing, compile_volume, due_at, replay
 from tests.feedserver import rss
 from tests.receivers import WebhookReceiver
@@ -294,7 +294,7 @@ def test_the_live_loop_makes_exactly_the_back_fills_firings_and_a_restart_double
     assert len(expected["live-spike"]) == 1 and len(expected["live-irregular"]) > 10
     # Each alert is due no earlier than its window's settle time, and carries its evidence.
     for alert in alerts:
-        assert alert["kind"] in ("spike", "first_mention", "spread", "silence") and alert["pending_targets"] == ["log"]
+        assert alert["kind"] in ("spike", "first_mention", "spread", "silence") and alert["pending_targets"] == [target_id(parse_target("log"))]
         assert (alert["article_ids"] or alert["volume_key"] == "down") and alert["window_end"] > alert["window_start"]
     spike = next(a for a in alerts if a["rule"] == "live-spike")
     assert (spike["count"], spike["baseline"], len(spike["baseline_counts"])) == (24, 4.0, 168)
