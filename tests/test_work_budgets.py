@@ -3,12 +3,20 @@ bytes but expensive in CPU costs that one article, never the stream. Real spaCy 
 worker processes; limits made small through the settings."""
 from __future__ import annotations
 
+import time
+
+import pytest
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils import shared
 
-from newsbeam.pipeline.config import NlpSettings
+from newsbeam.pipeline.config import Feed, FetchSettings, NlpSettings
 from newsbeam.transforms.entities import TagEntitiesFn, nlp_text, tag_entities
+from newsbeam.transforms.fetch import FetchError, fetch, new_session
+from tests.feedserver import rss
+from tests.hostileserver import HostileServer, respond, trickle_body
 from tests.test_workers import _articles, _run
+
+FEED = rss([{"title": "Floods in the north", "link": "https://news.example.org/floods", "html": "<p>Water.</p>"}])
 
 PARENS = "(" * 16000
 
@@ -39,3 +47,37 @@ def test_an_article_past_the_ner_deadline_is_dead_lettered_alone_and_its_worker_
     assert "1.5s" in dead[0]["error"] and "replaced" in dead[0]["error"]
     tagged = [v.value["article_id"] for v in values if isinstance(v.value, dict) and "entities" in v.value]
     assert tagged == [a["article_id"] for a in articles if a["article_id"] != "poison"]
+
+
+# ---------------------------------------------------------------- fetch deadlines and cookies
+
+def test_the_deadline_covers_a_request_on_a_socket_the_server_kept_open():
+    settings = FetchSettings(connect_timeout=1, read_timeout=1, total_timeout=2, allow_private_addresses=True)
+    with HostileServer(keep_alive=True) as server:
+        first = server.route("/first.xml", respond(200, FEED, close=False))
+        second = server.route("/trickle.xml", trickle_body(every=0.2, total=60))  # 12 s, never idle 1 s
+        session = new_session(settings)
+        try:
+            assert "connection" not in fetch(session, Feed(url=first), settings).headers  # keep-alive offered
+            started = time.monotonic()
+            with pytest.raises(FetchError) as err:
+                fetch(session, Feed(url=second), settings)
+            assert err.value.kind == "timeout" and time.monotonic() - started < settings.total_timeout + 1
+        finally:
+            session.close()
+    assert server.hits("/trickle.xml") == 1
+    assert server.client_ports[0] != server.client_ports[1]  # a new socket, which the watchdog knows
+
+
+def test_cookies_are_not_kept():
+    settings = FetchSettings(allow_private_addresses=True)
+    with HostileServer() as server:
+        url = server.route("/cookies.xml", respond(200, FEED, {"Set-Cookie": "session=abc; Path=/"}))
+        session = new_session(settings)
+        try:
+            for _ in range(3):
+                assert fetch(session, Feed(url=url), settings).headers["set-cookie"].startswith("session=")
+            assert len(session.cookies) == 0
+        finally:
+            session.close()
+    assert [headers.get("Cookie") for _, headers in server.requests] == [None, None, None]
