@@ -12,8 +12,9 @@ from apache_beam.utils import shared
 from newsbeam.pipeline.config import Feed, FetchSettings, NlpSettings
 from newsbeam.transforms.entities import TagEntitiesFn, nlp_text, tag_entities
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
+from newsbeam.transforms.parse import read_feed
 from tests.feedserver import rss
-from tests.hostileserver import HostileServer, respond, trickle_body
+from tests.hostileserver import HostileServer, gzipped, respond, trickle_body
 from tests.test_workers import _articles, _run
 
 FEED = rss([{"title": "Floods in the north", "link": "https://news.example.org/floods", "html": "<p>Water.</p>"}])
@@ -81,3 +82,51 @@ def test_cookies_are_not_kept():
         finally:
             session.close()
     assert [headers.get("Cookie") for _, headers in server.requests] == [None, None, None]
+
+
+# ---------------------------------------------------------------- parse budget
+
+def _fetch_feed(body: bytes, **headers: str):
+    settings = FetchSettings(allow_private_addresses=True, max_bytes=30_000_000, max_decompressed_bytes=60_000_000)
+    with HostileServer() as server:
+        url = server.route("/feed.xml", respond(200, body, {"Content-Type": "application/rss+xml", **headers}))
+        session = new_session(settings)
+        try:
+            return fetch(session, Feed(url=url), settings)
+        finally:
+            session.close()
+
+
+def test_a_huge_feed_is_cut_to_its_first_items_before_feedparser_reads_it(monkeypatch):
+    from newsbeam.transforms import parse
+
+    many = rss([{"title": f"t{i}", "link": f"https://example.org/{i}", "html": "<p>x</p>"} for i in range(60_000)])
+    result = _fetch_feed(gzipped(many), **{"Content-Encoding": "gzip"})
+    assert len(result.body) == len(many) > 10_000_000
+    seen: list[int] = []
+    real_parse = parse.feedparser.parse
+
+    def measured(stream, **kwargs):
+        seen.append(len(stream.getvalue()))
+        return real_parse(stream, **kwargs)
+
+    monkeypatch.setattr(parse.feedparser, "parse", measured)
+    parsed = read_feed(result, 25)
+    assert [a["title"] for a in parsed.articles] == [f"t{i}" for i in range(25)] and not parsed.problem
+    assert seen[-1] < 20_000  # 25 items and the document's closing tags, not 60,000 items
+    # The byte budget: only whole items within the first 3,000 bytes.
+    parsed = read_feed(result, 500, max_parse_bytes=3_000)
+    assert 0 < len(parsed.articles) < 25 and not parsed.problem and seen[-1] <= 3_000 + 100
+
+
+def test_a_bad_character_reference_costs_nothing_but_that_character():
+    items = [{"title": "Before", "link": "https://example.org/1", "html": "<p>fine</p>"},
+             {"title": "Surrogate", "link": "https://example.org/2", "html": "<p>x</p>"},
+             {"title": "Beyond", "link": "https://example.org/3", "html": "<p>y</p>"},
+             {"title": "After", "link": "https://example.org/4", "html": "<p>fine</p>"}]
+    body = rss(items).replace(b"<title>Surrogate</title>", b"<title>Surrogate &#xD800; &#55296;</title>")
+    body = body.replace(b"<title>Beyond</title>", b"<title>Beyond &#x110000; &#99999999999;</title>")
+    parsed = read_feed(_fetch_feed(body), 10)
+    assert not parsed.problem
+    assert [a["title"] for a in parsed.articles] == [
+        "Before", "Surrogate \ufffd \ufffd", "Beyond \ufffd \ufffd", "After"]
