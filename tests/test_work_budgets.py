@@ -14,7 +14,7 @@ from newsbeam.transforms.entities import TagEntitiesFn, nlp_text, tag_entities
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
 from newsbeam.transforms.parse import read_feed
 from tests.feedserver import rss
-from tests.hostileserver import HostileServer, gzipped, respond, trickle_body
+from tests.hostileserver import HostileServer, gzipped, respond, stall, trickle_body
 from tests.test_workers import _articles, _run
 
 FEED = rss([{"title": "Floods in the north", "link": "https://news.example.org/floods", "html": "<p>Water.</p>"}])
@@ -130,3 +130,60 @@ def test_a_bad_character_reference_costs_nothing_but_that_character():
     assert not parsed.problem
     assert [a["title"] for a in parsed.articles] == [
         "Before", "Surrogate \ufffd \ufffd", "Beyond \ufffd \ufffd", "After"]
+
+
+# ---------------------------------------------------------------- cleaning and article pages
+
+def test_deeply_nested_html_is_read_as_text_without_the_html_parser(monkeypatch):
+    from newsbeam.transforms import clean
+
+    parsed: list[int] = []
+    real_parser = clean.LexborHTMLParser
+
+    def counted(markup):
+        parsed.append(len(markup))
+        return real_parser(markup)
+
+    monkeypatch.setattr(clean, "LexborHTMLParser", counted)
+    deep = "<div>" * 40000 + "deep &amp; down" + "</div>" * 40000
+    cleaned = clean.clean_article({"title": "Nested", "content_html": deep, "summary_html": "<p>a</p><p>b</p>"})
+    assert cleaned["body"] == "deep & down"
+    assert parsed == [len("<p>a</p>\n<p>b</p>\n")]  # only the shallow summary went through the parser
+    assert cleaned["summary"] == "a\nb"
+
+
+def _full_text(settings: FetchSettings, page_behaviour) -> dict:
+    from newsbeam.transforms.fulltext import FetchFullTextFn
+
+    with HostileServer() as server:
+        feed = Feed(url=server.url("/feed.xml"), full_text=True)
+        article = {"feed_url": feed.url, "url": server.route("/page.html", page_behaviour),
+                   "content_html": "<p>feed text</p>"}
+        fn = FetchFullTextFn((feed,), settings)
+        fn.setup()
+        try:
+            started = time.monotonic()
+            (result,) = next(iter(fn.handle_batch([article])))
+            result["_seconds"] = time.monotonic() - started
+        finally:
+            fn.teardown()
+        result["_hits"] = server.hits("/page.html")
+    return result
+
+
+def test_an_article_page_has_a_much_smaller_size_cap_than_a_feed(caplog):
+    page = b"<html><body>" + b"<div><p>hostile page text</p></div>" * 200_000 + b"</body></html>"  # 7 MiB
+    settings = FetchSettings(allow_private_addresses=True, max_page_bytes=1_000_000)
+    assert len(page) < settings.max_decompressed_bytes  # a feed this size would be read
+    with caplog.at_level("INFO", logger="newsbeam.transforms.fulltext"):
+        result = _full_text(settings, respond(200, gzipped(page), {"Content-Encoding": "gzip"}))
+    assert result["_hits"] == 1 and result["content_html"] == "<p>feed text</p>"
+    assert "inflates beyond 1000000 bytes" in caplog.text
+
+
+def test_a_batch_of_pages_waits_no_longer_than_its_timeout(caplog):
+    settings = FetchSettings(allow_private_addresses=True, total_timeout=30, read_timeout=30, full_text_timeout=1)
+    with caplog.at_level("INFO", logger="newsbeam.transforms.fulltext"):
+        result = _full_text(settings, stall(8))
+    assert result["_hits"] == 1 and result["content_html"] == "<p>feed text</p>"
+    assert result["_seconds"] < 5 and "fetch.full_text_timeout (1s)" in caplog.text
