@@ -70,9 +70,8 @@ class FetchSettings:
     # Articles fetched but not yet through NLP, across all feeds; when reached, due feeds wait.
     max_backlog: int = 20_000
     # Work budgets (docs/hostile-input.md): feedparser sees at most this many bytes and
-    # max_items_per_feed items (cut before parsing), and gets this long per feed.
+    # max_items_per_feed items (cut before parsing).
     max_parse_bytes: int = 8 * 1024 * 1024
-    parse_timeout: float = 30.0
     # Article pages (full_text feeds): a much smaller cap than feeds, after inflating.
     max_page_bytes: int = 2 * 1024 * 1024
     full_text_timeout: float = 60.0  # a batch's page fetches and extraction, all together
