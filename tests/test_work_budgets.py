@@ -187,3 +187,27 @@ def test_a_batch_of_pages_waits_no_longer_than_its_timeout(caplog):
         result = _full_text(settings, stall(8))
     assert result["_hits"] == 1 and result["content_html"] == "<p>feed text</p>"
     assert result["_seconds"] < 5 and "fetch.full_text_timeout (1s)" in caplog.text
+
+
+def test_a_feed_full_of_markup_skips_feedparser_s_html_passes_and_keeps_every_item(monkeypatch):
+    from newsbeam.transforms import parse
+
+    items = [{"title": "Before", "link": "https://example.org/1", "html": "<p>fine</p>"},
+             {"title": "Nested", "link": "https://example.org/2",
+              "html": "<div>" * 15000 + "deep down in the tree<script>steal()</script>" + "</div>" * 15000},
+             {"title": "After", "link": "https://example.org/3", "html": "<p>fine</p>"}]
+    calls: list[dict] = []
+    real_parse = parse.feedparser.parse
+
+    def recorded(stream, **kwargs):
+        calls.append(kwargs)
+        return real_parse(stream, **kwargs)
+
+    monkeypatch.setattr(parse.feedparser, "parse", recorded)
+    hostile = read_feed(_fetch_feed(rss(items)), 10)
+    assert [a["title"] for a in hostile.articles] == ["Before", "Nested", "After"]
+    assert (calls[-1]["sanitize_html"], calls[-1]["resolve_relative_uris"]) == (False, False)
+    from newsbeam.transforms.clean import clean_article
+    assert clean_article(hostile.articles[1])["body"] == "deep down in the tree"  # the script is still dropped, by CleanText
+    read_feed(_fetch_feed(rss([items[0], items[2]])), 10)
+    assert (calls[-1]["sanitize_html"], calls[-1]["resolve_relative_uris"]) == (True, True)  # ordinary feeds

@@ -22,6 +22,7 @@ _BLANK_LINES = re.compile(r"\n\s*\n+")
 _CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10))
 _TAG = re.compile(r"<(/?)([a-zA-Z][\w:-]*)[^>]*?(/?)>")
 _ANY_TAG = re.compile(r"<[^>]*>")
+_DROPPED = re.compile(rf"(?is)<({'|'.join(_DROP_TAGS)})\b.*?</\1\s*>")
 _VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
                    "track", "wbr"})
 MAX_DEPTH = 256
@@ -47,7 +48,7 @@ def html_to_text(html: str, max_depth: int = MAX_DEPTH) -> str:
     if "<" not in html and "&" not in html:
         text = html
     elif deeper_than(html, max_depth):
-        text = html_lib.unescape(_ANY_TAG.sub(" ", html))
+        text = html_lib.unescape(_ANY_TAG.sub(" ", _DROPPED.sub(" ", html)))
     else:
         tree = LexborHTMLParser(_BLOCK_END.sub(r"\1\n", html))
         tree.strip_tags(_DROP_TAGS)

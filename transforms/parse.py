@@ -178,25 +178,35 @@ def replace_bad_references(body: bytes) -> bytes:
     return _BIG_REFERENCE.sub(_fix_reference, body) if _ascii_compatible(body) else body
 
 
-def parse_document(result: FetchResult, max_items: int = 500, max_bytes: int = 8 * 1024 * 1024) -> Any:
+def markup_tags(body: bytes) -> int:
+    """About how many HTML tags the items carry, escaped or not (a count, no parsing)."""
+    return body.count(b"&lt;") + body.count(b"<")
+
+
+def parse_document(result: FetchResult, max_items: int = 500, max_bytes: int = 8 * 1024 * 1024,
+                   max_sanitized_tags: int = 20_000) -> Any:
     """feedparser over the fetched bytes, never over a URL or a path; at most `max_items` items
-    and `max_bytes` reach it."""
+    and `max_bytes` reach it. With more than `max_sanitized_tags` tags, feedparser neither
+    sanitises item HTML nor resolves its links: both run its pure-Python HTML parser over every
+    tag, and CleanText reduces the HTML to text (without scripts or styles) anyway."""
     headers = {"content-location": urljoin(result.final_url, result.headers.get("content-location", ""))}
     for name in ("content-type", "content-language"):
         if name in result.headers:
             headers[name] = result.headers[name]
     body = replace_bad_references(pre_cut(result.body, max_items, max_bytes))
-    return feedparser.parse(io.BytesIO(body), response_headers=headers, sanitize_html=True)
+    thorough = markup_tags(body) <= max_sanitized_tags
+    return feedparser.parse(io.BytesIO(body), response_headers=headers, sanitize_html=thorough,
+                            resolve_relative_uris=thorough)
 
 
 def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_000,
-              max_parse_bytes: int = 8 * 1024 * 1024) -> ParsedFeed:
+              max_parse_bytes: int = 8 * 1024 * 1024, max_sanitized_tags: int = 20_000) -> ParsedFeed:
     """Parses a fetched feed into articles (at most `max_items`, each text field cut at
     `max_entry_chars`, from its first `max_parse_bytes`), or says why it could not."""
     if declares_entities(result.body):
         return ParsedFeed([], "the document declares XML entities; refused before parsing",
                           "entity_declaration")
-    parsed = parse_document(result, max_items, max_parse_bytes)
+    parsed = parse_document(result, max_items, max_parse_bytes, max_sanitized_tags)
     hint = refresh_hint(parsed)
     if not parsed.entries:
         if parsed.bozo:
@@ -245,18 +255,20 @@ def parse_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_0
 
 
 def safe_read_feed(result: FetchResult, max_items: int, max_entry_chars: int,
-                   max_parse_bytes: int = 8 * 1024 * 1024) -> ParsedFeed:
+                   max_parse_bytes: int = 8 * 1024 * 1024, max_sanitized_tags: int = 20_000) -> ParsedFeed:
     try:
-        return read_feed(result, max_items, max_entry_chars, max_parse_bytes)
+        return read_feed(result, max_items, max_entry_chars, max_parse_bytes, max_sanitized_tags)
     except Exception as err:  # feedparser is defensive; anything else is still one bad feed
         return ParsedFeed([], f"{type(err).__name__}: {err}", "unparseable_feed")
 
 
 def timed_read_feed(result: FetchResult, max_items: int, max_entry_chars: int,
-                    max_parse_bytes: int = 8 * 1024 * 1024) -> tuple[ParsedFeed, float]:
+                    max_parse_bytes: int = 8 * 1024 * 1024,
+                    max_sanitized_tags: int = 20_000) -> tuple[ParsedFeed, float]:
     """`safe_read_feed` and its duration; what a parser process runs (transforms/workers.py)."""
     started = time.perf_counter()
-    return safe_read_feed(result, max_items, max_entry_chars, max_parse_bytes), time.perf_counter() - started
+    parsed = safe_read_feed(result, max_items, max_entry_chars, max_parse_bytes, max_sanitized_tags)
+    return parsed, time.perf_counter() - started
 
 
 def parse_dead_letter(result: FetchResult, parsed: ParsedFeed) -> dict[str, Any]:

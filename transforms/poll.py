@@ -72,7 +72,7 @@ def poll_one(session, feed: Feed, etag: str | None, last_modified: str | None, l
     outcome.digest = body_hash(outcome.result.body)
     if parse and needs_parse(outcome, last_digest):
         outcome.parsed = safe_read_feed(outcome.result, settings.max_items_per_feed, settings.max_entry_chars,
-                                        settings.max_parse_bytes)
+                                        settings.max_parse_bytes, settings.max_sanitized_tags)
     return outcome
 
 
@@ -189,7 +189,8 @@ class PollShardFn(beam.DoFn):
                 return
             try:
                 self._parser.submit(timed_read_feed, outcome.result, self._settings.max_items_per_feed,
-                                    self._settings.max_entry_chars, self._settings.max_parse_bytes).add_done_callback(
+                                    self._settings.max_entry_chars, self._settings.max_parse_bytes,
+                                    self._settings.max_sanitized_tags).add_done_callback(
                     lambda parse: parsed(outcome, parse))
             except (concurrent.futures.CancelledError, RuntimeError):  # shutting down
                 done.cancel()

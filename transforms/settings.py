@@ -72,6 +72,8 @@ class FetchSettings:
     # Work budgets (docs/hostile-input.md): feedparser sees at most this many bytes and
     # max_items_per_feed items (cut before parsing).
     max_parse_bytes: int = 8 * 1024 * 1024
+    # Beyond this many tags in a document, feedparser skips its (pure-Python) HTML sanitising.
+    max_sanitized_tags: int = 20_000
     # Article pages (full_text feeds): a much smaller cap than feeds, after inflating.
     max_page_bytes: int = 2 * 1024 * 1024
     full_text_timeout: float = 60.0  # a batch's page fetches and extraction, all together
