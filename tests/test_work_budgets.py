@@ -211,3 +211,39 @@ def test_a_feed_full_of_markup_skips_feedparser_s_html_passes_and_keeps_every_it
     assert clean_article(hostile.articles[1])["body"] == "deep down in the tree"  # the script is still dropped, by CleanText
     read_feed(_fetch_feed(rss([items[0], items[2]])), 10)
     assert (calls[-1]["sanitize_html"], calls[-1]["resolve_relative_uris"]) == (True, True)  # ordinary feeds
+
+
+@pytest.mark.parametrize("parse_processes", [0, 1], ids=["parse-thread", "parse-process"])
+def test_a_parse_past_its_deadline_costs_that_feed_and_the_next_feed_is_parsed(es_settings, parse_processes):
+    from apache_beam.utils.timestamp import Timestamp
+
+    from newsbeam.transforms.poll import PollShardFn
+    from tests.test_polling import _State
+
+    # feedparser's HTML passes kept on for any amount of markup: this feed takes seconds to parse
+    settings = FetchSettings(allow_private_addresses=True, per_host_delay=0.01, parse_timeout=1.0,
+                             max_sanitized_tags=10**9, parse_processes=parse_processes)
+    heavy_items = [{"title": "Nested", "link": "https://example.org/n", "html": "<div>" * 40000 + "</div>" * 40000}]
+    light_items = [{"title": "Light news", "link": "https://example.org/l", "html": "<p>x</p>"}]
+    with HostileServer() as server, HostileServer("127.0.0.2") as other:
+        heavy = Feed(url=server.route("/heavy.xml", respond(200, rss(heavy_items))))
+        light = Feed(url=other.route("/light.xml", respond(200, rss(light_items))))
+        fn = PollShardFn(settings, es_settings, default_interval=300, settle=0.5, slack=0, tick=1.0, shards=1)
+        fn.setup()
+        try:
+            state, outputs = _State(), []
+            give_up = time.monotonic() + 60
+            while (len([o for o in outputs if getattr(o, "tag", None) == "health"]) < 2
+                   and time.monotonic() < give_up):
+                fn.start_bundle()
+                outputs += list(fn.process((0, (heavy, light)), tick=Timestamp.now(), states=state,
+                                           backlog_state=_State()))
+                time.sleep(0.2)
+        finally:
+            fn.teardown()
+    health = {o.value["feed_url"]: o.value for o in outputs if getattr(o, "tag", None) == "health"}
+    dead = [o.value for o in outputs if getattr(o, "tag", None) == "dead"]
+    assert health[heavy.url]["error_class"] == "fetch.parse_timeout"
+    assert [(d["stage"], d["reason"], d["feed_url"]) for d in dead] == [("parse", "fetch.parse_timeout", heavy.url)]
+    assert "1s" in dead[0]["error"]
+    assert [a["title"] for a in outputs if isinstance(a, dict)] == ["Light news"]

@@ -74,6 +74,7 @@ class FetchSettings:
     max_parse_bytes: int = 8 * 1024 * 1024
     # Beyond this many tags in a document, feedparser skips its (pure-Python) HTML sanitising.
     max_sanitized_tags: int = 20_000
+    parse_timeout: float = 30.0  # per feed; a parser past it is replaced and the feed dead-lettered
     # Article pages (full_text feeds): a much smaller cap than feeds, after inflating.
     max_page_bytes: int = 2 * 1024 * 1024
     full_text_timeout: float = 60.0  # a batch's page fetches and extraction, all together
