@@ -45,8 +45,9 @@ GOOD_FEEDS = 4
 class GoodFeeds:
     """Feeds that gain one good item per interval; each also carries the hostile items."""
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, hostile: bool = True):
         self.interval = interval
+        self.hostile = hostile
         self.started = time.time()
         self.first_served: dict[str, float] = {}  # title -> when a response first carried it
         self._lock = threading.Lock()
@@ -62,7 +63,7 @@ class GoodFeeds:
                     "html": "<div>" * 40000 + "deep" + "</div>" * 40000},
                    {"title": f"References {feed} BADREF", "link": f"https://wire.example.org/{feed}/refs",
                     "html": "<p>x</p>"}]
-        return good + hostile
+        return good + hostile if self.hostile else good
 
     def behaviour(self, feed: int):
         def behave(handler) -> None:
@@ -78,9 +79,11 @@ class GoodFeeds:
 
 
 def huge_feed() -> bytes:
-    items = [{"title": f"Flood {i}", "link": f"https://huge.example.org/{i}", "html": "<p>w</p>"}
-             for i in range(400_000)]
-    return gzipped(rss(items))
+    """About 26 MiB of RSS in 400,000 short items, gzipped."""
+    items = b"".join(b"<item><title>Flood %d</title><link>https://h.example.org/%d</link></item>" % (i, i)
+                     for i in range(400_000))
+    return gzipped(b'<?xml version="1.0"?><rss version="2.0"><channel><title>Huge</title>' + items
+                   + b"</channel></rss>")
 
 
 def page_bomb() -> bytes:
@@ -177,10 +180,13 @@ def main() -> int:
     parser.add_argument("--es-url", default=os.environ.get("ELASTICSEARCH_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--duration", type=float, default=120)
     parser.add_argument("--interval", type=float, default=10, help="poll interval, seconds")
+    parser.add_argument("--log", type=Path, default=None, help="write the run's log here")
+    parser.add_argument("--good-only", action="store_true",
+                        help="the good feeds alone, without hostile items or feeds: the baseline")
     args = parser.parse_args()
     es = Elasticsearch(args.es_url, request_timeout=60)
     prefix = f"bench-hostile-{uuid.uuid4().hex[:8]}"
-    good = GoodFeeds(args.interval)
+    good = GoodFeeds(args.interval, hostile=not args.good_only)
     report: list[str] = []
     with contextlib.ExitStack() as stack:
         # One loopback host per hostile server: per-host politeness must not make the good feeds wait.
@@ -192,8 +198,9 @@ def main() -> int:
         page = full_text_host.route("/page/bomb.html", respond(200, page_bomb(), {"Content-Encoding": "gzip",
                                                                                   "Content-Type": "text/html"}))
         full_text = rss([{"title": "Bomb page", "link": page, "html": "<p>summary only</p>"}])
-        keep_alive.route("/first.xml", respond(200, rss([]), close=False))
-        feeds += [
+        kept_open = rss([{"title": "Kept open", "link": "https://keep.example.org/1", "html": "<p>x</p>"}])
+        keep_alive.route("/first.xml", respond(200, kept_open, {"Content-Type": "application/rss+xml"}, close=False))
+        feeds += [] if args.good_only else [
             {"url": huge.route("/huge.xml", respond(200, huge_feed(), {"Content-Encoding": "gzip"}))},
             {"url": stalled.route("/stalled.xml", stall(3600))},
             {"url": trickling.route("/trickle.xml", trickle_body(every=0.2, total=1_000_000))},
@@ -203,6 +210,8 @@ def main() -> int:
         ]
         config = write_config(Path(folder), args.es_url, prefix, args.interval, feeds)
         run = run_pipeline(config, args.duration)
+        if args.log:
+            args.log.write_text(run["log"])
         run_ended = time.time()
         try:
             report += article_section(es, f"{prefix}-articles", good, run, args.duration, run_ended)
@@ -214,8 +223,8 @@ def main() -> int:
             indices = [name for name in es.indices.get(index=f"{prefix}-*") if name.startswith(prefix)]
             for name in indices:
                 es.indices.delete(index=name)
-    print(f"hostile bench: {GOOD_FEEDS} good feeds + 6 hostile feeds, poll interval {args.interval:g} s, "
-          f"--duration {args.duration:g} s")
+    print(f"hostile bench: {GOOD_FEEDS} good feeds{'' if args.good_only else ' + 6 hostile feeds and hostile items'}, "
+          f"poll interval {args.interval:g} s, --duration {args.duration:g} s")
     print("\n".join(report))
     if run["code"] != 0:
         print(run["log"][-3000:], file=sys.stderr)

@@ -114,9 +114,12 @@ def _await_ready(executor: concurrent.futures.ProcessPoolExecutor, processes: in
     give_up = time.monotonic() + patience
     try:
         while len(seen) < processes and time.monotonic() < give_up:
-            seen.update(future.result() for future in [executor.submit(_pid_after, 0.05) for _ in range(processes)])
+            futures = [executor.submit(_pid_after, 0.05) for _ in range(processes)]
+            seen.update(future.result(timeout=max(0.1, give_up - time.monotonic())) for future in futures)
     except BrokenProcessPool:
         pass  # the first real task raises it again, and the caller handles it as a crash
+    except TimeoutError:
+        _LOG.warning("worker processes not ready after %gs; going on", patience)
 
 
 def _pid_after(seconds: float) -> int:
