@@ -32,7 +32,7 @@ def enrich(articles, settings: Settings, taxonomy: Taxonomy):
     unique = articles | "DedupeArticles" >> DedupeArticles(settings.elasticsearch, settings.dedupe.retention)
     if any(feed.full_text for feed in settings.feeds):
         unique = unique | "FetchFullText" >> FetchFullText(settings.feeds, settings.fetch)
-    cleaned = unique | "CleanText" >> CleanText()
+    cleaned = unique | "CleanText" >> CleanText(settings.fetch.max_html_depth)
     linked = cleaned.cleaned | "LinkStories" >> LinkStories(settings.elasticsearch, settings.dedupe)
     # One stream through NER (marked, not split): on the FnApiRunner a Flatten waits for the end.
     languages = linked | "DetectLanguage" >> DetectLanguage(model_languages(settings.nlp.model))

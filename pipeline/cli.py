@@ -7,6 +7,7 @@ import difflib
 import faulthandler
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -128,13 +129,32 @@ def _runner_used(result: Any, requested: str | None) -> str:
     return "PrismRunner (via DirectRunner)" if "portability" in type(result).__module__ else name
 
 
-def _stop_on_sigterm() -> list[int]:
+def _exit_within(seconds: float, code: int, why: str) -> None:
+    """Ends the process `seconds` from now with `code`, unless it ended by itself first. A fetch,
+    parse or tokenizer still running in a thread or a worker process must not keep a stopped
+    run alive (the interpreter joins every pool thread at exit); what was in flight is polled
+    again by the next run, and articles already handed to Elasticsearch are kept."""
+    def leave() -> None:
+        time.sleep(seconds)
+        _LOG.warning("%s %gs ago and work is still in flight: exiting now", why, seconds)
+        for child in multiprocessing.active_children():  # our own worker processes, by handle
+            child.kill()
+        logging.shutdown()
+        os._exit(code)
+
+    threading.Thread(target=leave, name="newsbeam-exit", daemon=True).start()
+
+
+def _stop_on_sigterm(grace: float) -> list[int]:
     """SIGTERM (`kill PID`, `docker stop`, systemd) stops the run as Ctrl-C does; the returned
     list gets the signal once it came. A shell starts background jobs (`newsbeam run &`) with
-    Ctrl-C ignored, so SIGTERM is how those are stopped."""
+    Ctrl-C ignored, so SIGTERM is how those are stopped. The process is gone `grace` seconds
+    after the signal, whatever is still running."""
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
+        if not stopped_by:
+            _exit_within(grace, 128 + signal.SIGTERM, "stopped by SIGTERM")
         stopped_by.append(signum)
         raise KeyboardInterrupt
 
@@ -167,13 +187,14 @@ def cmd_run(argv: list[str]) -> int:
 
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: for a run that seems stuck
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    stopped_by = _stop_on_sigterm()
     passed = check_beam_args(argv)
     _LOG.info("Beam options passed on: %s", ", ".join(passed) or "none")
     beam_options = PipelineOptions(argv)
     options = beam_options.view_as(NewsbeamOptions)
     runner = beam_options.view_as(StandardOptions).runner
     settings = for_runner(_settings_for_run(options), local=_is_local(runner))
+    grace = settings.fetch.shutdown_grace
+    stopped_by = _stop_on_sigterm(grace)
     taxonomy = Taxonomy.load(settings.topics_file)
     beam_options.view_as(StandardOptions).streaming = True
     _LOG.info("spaCy runs in %s, feedparser in %s", _workers(settings.nlp.processes),
@@ -194,6 +215,8 @@ def cmd_run(argv: list[str]) -> int:
     delivery = DeliveryLoop.connect(settings.elasticsearch, settings.alerts, jobs=[
         volume_job(settings.elasticsearch, settings.alerts, settings.nlp.model)]).start()
     started = time.monotonic()
+    if options.duration:  # a bounded run ends on time even when a stage never finishes its bundle
+        _exit_within(options.duration + grace, 0, f"the run reached --duration {options.duration:g}s")
     result = None
     finished = False
     try:
@@ -211,6 +234,7 @@ def cmd_run(argv: list[str]) -> int:
             _LOG.warning("stopped by SIGTERM; articles already handed to Elasticsearch are kept")
             return 128 + signal.SIGTERM
         _LOG.warning("interrupted; articles already handed to Elasticsearch are kept")
+        _exit_within(grace, 130, "interrupted")
         return 130
     finally:
         stop.set()
@@ -220,6 +244,7 @@ def cmd_run(argv: list[str]) -> int:
     dead = client.count(index=settings.elasticsearch.deadletter_index)["count"]
     _LOG.info("finished after %.0fs: %d articles in %s, %d dead letters", time.monotonic() - started,
               articles, settings.elasticsearch.articles_alias, dead)
+    _exit_within(grace, 0, "the run finished")
     return 0
 
 

@@ -14,15 +14,17 @@ Behaviour = Callable[[BaseHTTPRequestHandler], None]
 
 
 def respond(status: int = 200, body: bytes = b"", headers: dict[str, str] | None = None,
-            declare_length: bool = True) -> Behaviour:
-    """Without `declare_length` the body ends when the connection closes."""
+            declare_length: bool = True, close: bool = True) -> Behaviour:
+    """Without `declare_length` the body ends when the connection closes; without `close` the
+    response does not say `Connection: close` (on a keep-alive server the socket stays open)."""
     def behave(handler: BaseHTTPRequestHandler) -> None:
         handler.send_response(status)
         for key, value in (headers or {}).items():
             handler.send_header(key, value)
         if declare_length:
             handler.send_header("Content-Length", str(len(body)))
-        handler.send_header("Connection", "close")
+        if close:
+            handler.send_header("Connection", "close")
         handler.end_headers()
         handler.wfile.write(body)
     return behave
@@ -88,9 +90,13 @@ def conditional(body: bytes, etag: str, content_type: str = "application/rss+xml
 
 
 class HostileServer(LoopbackServer):
-    def __init__(self, host: str = "127.0.0.1"):
+    """With `keep_alive` the server ignores the client's `Connection: close` and keeps serving
+    requests on one socket for as long as the client sends them."""
+
+    def __init__(self, host: str = "127.0.0.1", keep_alive: bool = False):
         self.routes: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.client_ports: list[int] = []  # the client's port per request: equal ports, one socket
         server = self
 
         class Handler(QuietHandler):
@@ -99,12 +105,14 @@ class HostileServer(LoopbackServer):
             def do_GET(self):
                 path = self.path.split("?")[0]
                 server.requests.append((path, dict(self.headers)))
+                server.client_ports.append(self.client_address[1])
                 behaviour = server.routes.get(path, respond(404, b"not found"))
                 try:
                     behaviour(self)
                 except (TimeoutError, BrokenPipeError, ConnectionResetError, OSError):
-                    pass
-                self.close_connection = True
+                    self.close_connection = True
+                    return
+                self.close_connection = not keep_alive
 
         super().__init__(Handler, host)
 

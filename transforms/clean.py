@@ -1,7 +1,10 @@
 """CleanText: feed HTML -> plain text (no tags, scripts or styles; entities decoded;
-whitespace and unicode normalised)."""
+whitespace and unicode normalised). HTML nested deeper than `max_depth` is read as plain text
+without the HTML parser, whose cost grows with the depth of the tree."""
 from __future__ import annotations
 
+import functools
+import html as html_lib
 import re
 import unicodedata
 from typing import Any
@@ -17,13 +20,35 @@ _BLOCK_END = re.compile(r"(?i)(<br\s*/?>|</(?:p|div|li|h[1-6]|tr|blockquote|sect
 _SPACES = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n\s*\n+")
 _CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10))
+_TAG = re.compile(r"<(/?)([a-zA-Z][\w:-]*)[^>]*?(/?)>")
+_ANY_TAG = re.compile(r"<[^>]*>")
+_DROPPED = re.compile(rf"(?is)<({'|'.join(_DROP_TAGS)})\b.*?</\1\s*>")
+_VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
+                   "track", "wbr"})
+MAX_DEPTH = 256
 
 
-def html_to_text(html: str) -> str:
+def deeper_than(html: str, limit: int) -> bool:
+    """True when elements open inside each other more than `limit` deep (a cheap scan of tags)."""
+    depth = 0
+    for match in _TAG.finditer(html):  # lazily: a hostile tree is refused at its 257th level
+        closing, name, self_closing = match.groups()
+        if closing:
+            depth = max(0, depth - 1)
+        elif not self_closing and name.lower() not in _VOID:
+            depth += 1
+            if depth > limit:
+                return True
+    return False
+
+
+def html_to_text(html: str, max_depth: int = MAX_DEPTH) -> str:
     if not html:
         return ""
     if "<" not in html and "&" not in html:
         text = html
+    elif deeper_than(html, max_depth):
+        text = html_lib.unescape(_ANY_TAG.sub(" ", _DROPPED.sub(" ", html)))
     else:
         tree = LexborHTMLParser(_BLOCK_END.sub(r"\1\n", html))
         tree.strip_tags(_DROP_TAGS)
@@ -34,14 +59,14 @@ def html_to_text(html: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def clean_article(article: dict[str, Any]) -> dict[str, Any]:
+def clean_article(article: dict[str, Any], max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """Adds `title`, `summary` and `body` as plain text; drops the raw HTML."""
     cleaned = dict(article)
     summary_html = cleaned.pop("summary_html", "")
     content_html = cleaned.pop("content_html", "")
-    cleaned["title"] = html_to_text(cleaned.get("title", "")).replace("\n", " ")
-    cleaned["summary"] = html_to_text(summary_html)
-    body = html_to_text(content_html)
+    cleaned["title"] = html_to_text(cleaned.get("title", ""), max_depth).replace("\n", " ")
+    cleaned["summary"] = html_to_text(summary_html, max_depth)
+    body = html_to_text(content_html, max_depth)
     cleaned["body"] = body if len(body) >= len(cleaned["summary"]) else cleaned["summary"]
     return cleaned
 
@@ -49,6 +74,11 @@ def clean_article(article: dict[str, Any]) -> dict[str, Any]:
 class CleanText(beam.PTransform):
     """Articles with plain-text title/summary/body; failures on the `dead` output."""
 
+    def __init__(self, max_depth: int = MAX_DEPTH):
+        super().__init__()
+        self._max_depth = max_depth
+
     def expand(self, articles):
-        return articles | "HtmlToText" >> beam.FlatMap(SafeMapFn(clean_article, "clean")).with_outputs(
+        clean = functools.partial(clean_article, max_depth=self._max_depth)
+        return articles | "HtmlToText" >> beam.FlatMap(SafeMapFn(clean, "clean")).with_outputs(
             DEAD, main="cleaned")

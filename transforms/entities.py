@@ -348,11 +348,21 @@ def facet_fields(entities: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     return facets
 
 
-def nlp_text(article: dict[str, Any], max_chars: int) -> str:
+def tame_runs(text: str, max_run: int = NlpSettings.max_char_run,
+              max_token: int = NlpSettings.max_token_chars) -> str:
+    """Text the tokenizer reads in linear time: a run of one punctuation character is cut to
+    `max_run` characters, and an unbroken token gets a space every `max_token` characters
+    (spaCy strips prefixes and suffixes one character at a time, each a scan of the rest)."""
+    text = re.sub(rf"([^\w\s])\1{{{max_run},}}", lambda m: m.group(1) * max_run, text)
+    return re.sub(rf"(\S{{{max_token}}})(?=\S)", r"\1 ", text)
+
+
+def nlp_text(article: dict[str, Any], max_chars: int, max_run: int = NlpSettings.max_char_run,
+             max_token: int = NlpSettings.max_token_chars) -> str:
     title = article.get("title", "") or ""
     body = article.get("body", "") or ""
     text = f"{title}\n\n{body}" if title and not body.startswith(title) else body or title
-    return text[:max_chars]
+    return tame_runs(text, max_run, max_token)[:max_chars]
 
 
 def doc_lemmas(doc) -> str:
@@ -377,7 +387,9 @@ def tag_entities(nlp, articles: list[dict[str, Any]], settings: NlpSettings,
     used by topics and alerts) to each article. The pipeline and `newsbeam tag` share it;
     `with_mentions` also adds `mentions` (spans in `nlp_text`, for `newsbeam eval entities`)."""
     # `nlp_skipped`: a language the model does not read (transforms/language.py): no tags.
-    texts = ["" if article.get("nlp_skipped") else nlp_text(article, settings.max_chars) for article in articles]
+    texts = ["" if article.get("nlp_skipped") else
+             nlp_text(article, settings.max_chars, settings.max_char_run, settings.max_token_chars)
+             for article in articles]
     docs = nlp.pipe((truecase_headlines(text) for text in texts), batch_size=settings.batch_size)
     tagged = []
     for article, text, doc in zip(articles, texts, docs):
@@ -496,12 +508,30 @@ class TagEntitiesFn(PooledBatchingDoFn):
 
     def collect(self, articles: list[dict[str, Any]], future: concurrent.futures.Future) -> Iterator[list[Any]]:
         try:
-            tagged, timings = future.result()
+            tagged, timings = self._result(future, len(articles))
         except Exception:  # find the article that broke the batch; tag the others
             yield from (self._tag_one(article) for article in articles)
             return
         self._record(len(tagged), timings)
         yield from ([article] for article in tagged)
+
+    def _result(self, future: concurrent.futures.Future, count: int) -> tuple[list[dict[str, Any]], Timings]:
+        """The batch's result within `article_timeout` per article; past it the worker is replaced
+        (and TimeoutError raised), so one pathological text never stalls tagging."""
+        try:
+            return future.result(timeout=self._settings.article_timeout * count)
+        except TimeoutError:
+            self._replace_worker(future)
+            raise
+
+    def _replace_worker(self, stuck: concurrent.futures.Future) -> None:
+        if isinstance(self._pool, WorkerPool):
+            self._pool.replace(stuck)
+            return
+        # A thread cannot be stopped: it is left to finish alone and its result is dropped.
+        _LOG.warning("an NER thread passed nlp.article_timeout; starting another")
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="newsbeam-spacy")
 
     def _record(self, count: int, timings: Timings) -> None:
         # The benchmark compares the pipeline with spaCy's own CPU time in the same minutes.
@@ -513,13 +543,20 @@ class TagEntitiesFn(PooledBatchingDoFn):
 
     def _tag_one(self, article: dict[str, Any]) -> list[Any]:
         try:
-            tagged, timings = self._tag([article]).result()
+            tagged, timings = self._result(self._tag([article]), 1)
+        except TimeoutError:
+            return [self._dead(article, "nlp.article_timeout", f"NER took longer than nlp.article_timeout "
+                                                              f"({self._settings.article_timeout:g}s); worker replaced")]
         except Exception as err:  # BrokenProcessPool: the worker died on this article
-            return [beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                "entities", type(err).__name__, str(err), feed_url=article.get("feed_url", ""),
-                article_id=article.get("article_id", ""), url=article.get("url", ""), payload=article))]
+            return [self._dead(article, type(err).__name__, str(err))]
         self._record(1, timings)
         return tagged
+
+    @staticmethod
+    def _dead(article: dict[str, Any], reason: str, error: str) -> beam.pvalue.TaggedOutput:
+        return beam.pvalue.TaggedOutput(DEAD, dead_letter(
+            "entities", reason, error, feed_url=article.get("feed_url", ""),
+            article_id=article.get("article_id", ""), url=article.get("url", ""), payload=article))
 
     def teardown(self) -> None:
         if self._pool is not None:

@@ -7,7 +7,9 @@ Guards on every request, because feed URLs come from users and redirects come fr
   `fetch.allow_private_addresses` is set: every address a host resolves to is checked
   before connecting, and the socket's real peer is checked after (DNS rebinding);
 * connect and read timeouts, and a total deadline enforced by a watchdog that shuts the
-  socket, so a server that trickles bytes cannot hold a worker;
+  socket, so a server that trickles bytes cannot hold a worker; every request gets a new
+  socket (none is pooled), so the deadline covers every request;
+* no cookies are kept;
 * a cap on the bytes received and, separately, on the bytes after gzip/deflate, which we
   inflate ourselves in bounded steps (a 10 MB gzip bomb never becomes 10 GB in memory);
 * conditional GET (`If-None-Match`/`If-Modified-Since`): a 304 is a result, not an error.
@@ -22,6 +24,7 @@ import collections
 import dataclasses
 import heapq
 import http.client
+import http.cookiejar
 import ipaddress
 import itertools
 import socket
@@ -37,6 +40,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from requests.cookies import RequestsCookieJar
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -181,8 +185,9 @@ class _Timers:
 class _Request:
     """Per-request guard state, reachable from the connection through a thread-local."""
 
-    def __init__(self, allow_private: bool):
+    def __init__(self, allow_private: bool, deadline: float):
         self.allow_private = allow_private
+        self.deadline = deadline  # monotonic; checked between chunks too, whatever the socket
         self.sockets: list[socket.socket] = []
         self.expired = False
         self._lock = threading.Lock()
@@ -228,11 +233,21 @@ class _GuardedHTTPSConnection(_GuardedConnectionMixin, HTTPSConnection):
     pass
 
 
-class _GuardedHTTPPool(HTTPConnectionPool):
+class _OneUseMixin:
+    """Connections are closed after one response, never pooled: a server that ignores our
+    `Connection: close` would otherwise hand the next fetch a socket the watchdog never saw."""
+
+    def _put_conn(self, conn) -> None:
+        if conn is not None:
+            conn.close()
+        super()._put_conn(None)  # type: ignore[misc]  # the pool's slot, free for a new connection
+
+
+class _GuardedHTTPPool(_OneUseMixin, HTTPConnectionPool):
     ConnectionCls = _GuardedHTTPConnection
 
 
-class _GuardedHTTPSPool(HTTPSConnectionPool):
+class _GuardedHTTPSPool(_OneUseMixin, HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 
@@ -249,6 +264,8 @@ class GuardedSession(requests.Session):
     def __init__(self, settings: FetchSettings):
         super().__init__()
         self.trust_env = False
+        # No cookies kept: feeds need none, and a jar that takes every Set-Cookie grows without bound.
+        self.cookies = RequestsCookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.headers["User-Agent"] = settings.user_agent
         self.headers["Accept-Encoding"] = "gzip, deflate"
         # A connection per request: every socket passes the address check and the watchdog,
@@ -335,6 +352,8 @@ def _read_body(response: requests.Response, settings: FetchSettings, request: _R
         chunk = response.raw.read1(_CHUNK, decode_content=False)
         if not chunk:
             break
+        if time.monotonic() > request.deadline:
+            raise FetchError("timeout", f"total time exceeds {settings.total_timeout:g}s")
         size += len(chunk)
         if size > settings.max_bytes:
             raise FetchError("too_large", f"body exceeds {settings.max_bytes} bytes")
@@ -375,8 +394,8 @@ def fetch(session: GuardedSession, feed: Feed, settings: FetchSettings, etag: st
     """GETs `url` (default: the feed's) within every guard, following redirects ourselves.
     Returns a 2xx or 304 result or raises FetchError."""
     started = time.monotonic()
-    request = _Request(settings.allow_private_addresses)
-    token = session.timers.at(started + settings.total_timeout, request.expire)
+    request = _Request(settings.allow_private_addresses, started + settings.total_timeout)
+    token = session.timers.at(request.deadline, request.expire)
     _current.request = request
     headers = {"Accept": accept}
     if etag:

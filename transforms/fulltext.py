@@ -1,15 +1,18 @@
 """FetchFullText: for feeds marked `full_text: true` (feeds that carry only summaries),
 fetch each new article's page with the same guarded client and per-host politeness as
-feeds, and extract its main text with trafilatura. `body_source` records which text the
+feeds, and extract its main text with trafilatura. Pages get a much smaller size cap than feeds
+(`fetch.max_page_bytes`, after inflating: trafilatura's memory grows many times a page's size),
+and a batch waits at most `fetch.full_text_timeout` for its pages. `body_source` records which text the
 article carries: `feed` or `extracted`. A page that cannot be fetched or yields less text
 than the feed leaves the feed's text in place.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 from collections.abc import Iterator
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 import apache_beam as beam
@@ -53,7 +56,9 @@ class FetchFullTextFn(BatchingDoFn):
     def __init__(self, feeds: tuple[Feed, ...], settings: FetchSettings):
         # Articles carry the redacted feed URL (transforms/parse.py).
         self._feeds = {redact_url(feed.url): feed for feed in feeds if feed.full_text}
-        self._settings = settings
+        self._settings = dataclasses.replace(settings, max_bytes=min(settings.max_bytes, settings.max_page_bytes),
+                                             max_decompressed_bytes=min(settings.max_decompressed_bytes,
+                                                                        settings.max_page_bytes))
         self.batch_size = 32
         self._extracted = Metrics.counter("newsbeam", "full_text_extracted")
         self._failed = Metrics.counter("newsbeam", "full_text_failed")
@@ -70,11 +75,11 @@ class FetchFullTextFn(BatchingDoFn):
             if feed and str(article.get("url", "")).startswith(("http://", "https://")):
                 futures[position] = self._executor.submit(host_of(article["url"]), fetch_full_text, self._session,
                                                           feed, article, self._settings)
-        wait(list(futures.values()))
+        wait(list(futures.values()), timeout=self._settings.full_text_timeout)
         for position, article in enumerate(articles):
             if position in futures:
                 try:
-                    article = futures[position].result()
+                    article = self._page_result(futures[position], article)
                 except Exception as err:  # trafilatura on a hostile page: keep the feed's text
                     article = {**article, "_full_text_error": f"{type(err).__name__}: {err}"}
                 error = article.pop("_full_text_error", None)
@@ -84,6 +89,13 @@ class FetchFullTextFn(BatchingDoFn):
                 else:
                     self._extracted.inc()
             yield [article]
+
+    def _page_result(self, future: Future, article: dict[str, Any]) -> dict[str, Any]:
+        if future.done():
+            return future.result()
+        future.cancel()  # still queued behind its host, or running: its result is not waited for
+        return {**article, "_full_text_error": f"page not fetched and extracted within fetch.full_text_timeout "
+                                               f"({self._settings.full_text_timeout:g}s)"}
 
     def teardown(self) -> None:
         self._executor.shutdown()

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -138,22 +139,75 @@ class ParsedFeed:
     refresh_hint: float | None = None  # seconds, from ttl / sy:updatePeriod
 
 
-def parse_document(result: FetchResult) -> Any:
-    """feedparser over the fetched bytes, never over a URL or a path."""
+_ITEM_END = re.compile(rb"</(?:[A-Za-z_][\w.-]*:)?(?:item|entry)\s*>", re.IGNORECASE)
+_TAIL = 64 * 1024  # where a document's closing tags are looked for
+# Numeric references with 4+ hex or 5+ decimal digits: the only ones that can be out of range.
+_BIG_REFERENCE = re.compile(rb"&#(?:[xX]0*([0-9a-fA-F]{4,})|0*([0-9]{5,}));")
+
+
+def _ascii_compatible(body: bytes) -> bool:
+    return b"\x00" not in body[:4] and not body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+
+
+def pre_cut(body: bytes, max_items: int, max_bytes: int) -> bytes:
+    """The document with its first `max_items` items only, and no more than `max_bytes` of them,
+    cut after an item's end tag and closed by the document's own closing tags: feedparser's
+    cost grows with the whole document, not with the items we keep."""
+    if not _ascii_compatible(body):
+        return body[:max_bytes]
+    ends = []
+    for match in _ITEM_END.finditer(body):
+        if match.end() > max_bytes or len(ends) == max_items:
+            break
+        ends.append(match.end())
+    else:
+        return body  # all of it is within both limits
+    tail_start = max(0, len(body) - _TAIL)
+    closing = [m.end() for m in _ITEM_END.finditer(body, tail_start)]
+    tail = body[closing[-1]:] if closing else b""
+    return body[:ends[-1] if ends else max_bytes] + tail
+
+
+def _fix_reference(match: re.Match) -> bytes:
+    value = int(match.group(1), 16) if match.group(1) else int(match.group(2))
+    return b"&#xFFFD;" if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF else match.group()
+
+
+def replace_bad_references(body: bytes) -> bytes:
+    """Out-of-range and surrogate character references (`&#xD800;`, `&#x110000;`) become U+FFFD:
+    feedparser's loose parser raises on them, and the whole feed would be lost for one character."""
+    return _BIG_REFERENCE.sub(_fix_reference, body) if _ascii_compatible(body) else body
+
+
+def markup_tags(body: bytes) -> int:
+    """About how many HTML tags the items carry, escaped or not (a count, no parsing)."""
+    return body.count(b"&lt;") + body.count(b"<")
+
+
+def parse_document(result: FetchResult, max_items: int = 500, max_bytes: int = 8 * 1024 * 1024,
+                   max_sanitized_tags: int = 20_000) -> Any:
+    """feedparser over the fetched bytes, never over a URL or a path; at most `max_items` items
+    and `max_bytes` reach it. With more than `max_sanitized_tags` tags, feedparser neither
+    sanitises item HTML nor resolves its links: both run its pure-Python HTML parser over every
+    tag, and CleanText reduces the HTML to text (without scripts or styles) anyway."""
     headers = {"content-location": urljoin(result.final_url, result.headers.get("content-location", ""))}
     for name in ("content-type", "content-language"):
         if name in result.headers:
             headers[name] = result.headers[name]
-    return feedparser.parse(io.BytesIO(result.body), response_headers=headers, sanitize_html=True)
+    body = replace_bad_references(pre_cut(result.body, max_items, max_bytes))
+    thorough = markup_tags(body) <= max_sanitized_tags
+    return feedparser.parse(io.BytesIO(body), response_headers=headers, sanitize_html=thorough,
+                            resolve_relative_uris=thorough)
 
 
-def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_000) -> ParsedFeed:
+def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_000,
+              max_parse_bytes: int = 8 * 1024 * 1024, max_sanitized_tags: int = 20_000) -> ParsedFeed:
     """Parses a fetched feed into articles (at most `max_items`, each text field cut at
-    `max_entry_chars`), or says why it could not."""
+    `max_entry_chars`, from its first `max_parse_bytes`), or says why it could not."""
     if declares_entities(result.body):
         return ParsedFeed([], "the document declares XML entities; refused before parsing",
                           "entity_declaration")
-    parsed = parse_document(result)
+    parsed = parse_document(result, max_items, max_parse_bytes, max_sanitized_tags)
     hint = refresh_hint(parsed)
     if not parsed.entries:
         if parsed.bozo:
@@ -201,17 +255,21 @@ def parse_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_0
     return parsed.articles, parsed.problem
 
 
-def safe_read_feed(result: FetchResult, max_items: int, max_entry_chars: int) -> ParsedFeed:
+def safe_read_feed(result: FetchResult, max_items: int, max_entry_chars: int,
+                   max_parse_bytes: int = 8 * 1024 * 1024, max_sanitized_tags: int = 20_000) -> ParsedFeed:
     try:
-        return read_feed(result, max_items, max_entry_chars)
+        return read_feed(result, max_items, max_entry_chars, max_parse_bytes, max_sanitized_tags)
     except Exception as err:  # feedparser is defensive; anything else is still one bad feed
         return ParsedFeed([], f"{type(err).__name__}: {err}", "unparseable_feed")
 
 
-def timed_read_feed(result: FetchResult, max_items: int, max_entry_chars: int) -> tuple[ParsedFeed, float]:
+def timed_read_feed(result: FetchResult, max_items: int, max_entry_chars: int,
+                    max_parse_bytes: int = 8 * 1024 * 1024,
+                    max_sanitized_tags: int = 20_000) -> tuple[ParsedFeed, float]:
     """`safe_read_feed` and its duration; what a parser process runs (transforms/workers.py)."""
     started = time.perf_counter()
-    return safe_read_feed(result, max_items, max_entry_chars), time.perf_counter() - started
+    parsed = safe_read_feed(result, max_items, max_entry_chars, max_parse_bytes, max_sanitized_tags)
+    return parsed, time.perf_counter() - started
 
 
 def parse_dead_letter(result: FetchResult, parsed: ParsedFeed) -> dict[str, Any]:

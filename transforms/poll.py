@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import importlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import apache_beam as beam
@@ -72,7 +75,8 @@ def poll_one(session, feed: Feed, etag: str | None, last_modified: str | None, l
         return outcome
     outcome.digest = body_hash(outcome.result.body)
     if parse and needs_parse(outcome, last_digest):
-        outcome.parsed = safe_read_feed(outcome.result, settings.max_items_per_feed, settings.max_entry_chars)
+        outcome.parsed = safe_read_feed(outcome.result, settings.max_items_per_feed, settings.max_entry_chars,
+                                        settings.max_parse_bytes, settings.max_sanitized_tags)
     return outcome
 
 
@@ -161,9 +165,13 @@ class PollShardFn(beam.DoFn):
         # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
         # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
         processes = self._settings.parse_processes if isinstance(self._settings.parse_processes, int) else 0
-        self._parser = (WorkerPool(processes, name="feedparser") if processes else
+        # The initializer imports the parser's module, so a deadline on a first parse never counts it.
+        self._parser = (WorkerPool(processes, importlib.import_module, (timed_read_feed.__module__,),
+                                   name="feedparser") if processes else
                         concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse"))
         self._client = connect(self._es_settings, check=False)
+        self._parsing: list[concurrent.futures.Future] = []  # submitted and unfinished, oldest first
+        self._parsing_lock = threading.Lock()
         # Polls still running at the end of a tick: collected on a later tick.
         self._in_flight: dict[str, tuple[concurrent.futures.Future, float]] = {}
         self._budgets: dict[int, Budget] = {}
@@ -172,16 +180,55 @@ class PollShardFn(beam.DoFn):
         """Fetch on the polite pool, then parse on the parser; one future for both."""
         done: concurrent.futures.Future = concurrent.futures.Future()
 
-        def parsed(outcome: PollOutcome, future: concurrent.futures.Future) -> None:
+        def settle(outcome: PollOutcome) -> None:
+            try:
+                done.set_result(outcome)
+            except concurrent.futures.InvalidStateError:  # the parse deadline came first
+                pass
+
+        def parsed(outcome: PollOutcome, future: concurrent.futures.Future, retried: bool) -> None:
+            if done.done():
+                return
             try:
                 outcome.parsed, seconds = future.result()
                 timing.record("parse", 1, seconds)
             except concurrent.futures.CancelledError:  # shutting down
                 done.cancel()
                 return
+            except BrokenProcessPool:  # killed with another feed's overdue parse: this one deserves a try
+                if not retried:
+                    parse(outcome, retried=True)
+                    return
+                outcome.parsed = ParsedFeed([], "parser process died twice on this feed", "unparseable_feed")
             except Exception as err:  # the parser process died on this feed: a dead letter, not a hang
                 outcome.parsed = ParsedFeed([], f"parser failed: {type(err).__name__}: {err}", "unparseable_feed")
-            done.set_result(outcome)
+            settle(outcome)
+
+        def overdue(outcome: PollOutcome, future: concurrent.futures.Future) -> None:
+            if future.done() or done.done():
+                return
+            if not self._parse_started(future):  # still queued behind others: its clock has not run
+                self._session.timers.at(time.monotonic() + self._settings.parse_timeout,
+                                        lambda: overdue(outcome, future))
+                return
+            outcome.parsed = ParsedFeed([], f"parsing took longer than fetch.parse_timeout "
+                                            f"({self._settings.parse_timeout:g}s)", "fetch.parse_timeout")
+            settle(outcome)
+            self._replace_parser(future)
+
+        def parse(outcome: PollOutcome, retried: bool = False) -> None:
+            try:
+                future = self._parser.submit(timed_read_feed, outcome.result, self._settings.max_items_per_feed,
+                                             self._settings.max_entry_chars, self._settings.max_parse_bytes,
+                                             self._settings.max_sanitized_tags)
+            except (concurrent.futures.CancelledError, RuntimeError):  # shutting down
+                done.cancel()
+                return
+            with self._parsing_lock:
+                self._parsing.append(future)
+            future.add_done_callback(lambda future: parsed(outcome, future, retried))
+            self._session.timers.at(time.monotonic() + self._settings.parse_timeout,
+                                    lambda: overdue(outcome, future))
 
         etag, last_modified, digest = state.validators()
 
@@ -190,16 +237,28 @@ class PollShardFn(beam.DoFn):
             if not needs_parse(outcome, digest):
                 done.set_result(outcome)
                 return
-            try:
-                self._parser.submit(timed_read_feed, outcome.result, self._settings.max_items_per_feed,
-                                    self._settings.max_entry_chars).add_done_callback(
-                    lambda parse: parsed(outcome, parse))
-            except (concurrent.futures.CancelledError, RuntimeError):  # shutting down
-                done.cancel()
+            parse(outcome)
 
         self._executor.submit(host_of(feed.url), poll_one, self._session, feed, etag, last_modified, digest,
                               self._settings, False).add_done_callback(fetched)
         return done
+
+    def _parse_started(self, future: concurrent.futures.Future) -> bool:
+        """Parses start in the order they were submitted, as many at once as the parser has workers."""
+        with self._parsing_lock:
+            self._parsing = [pending for pending in self._parsing if not pending.done()]
+            workers = self._parser.processes if isinstance(self._parser, WorkerPool) else 1
+            return future in self._parsing[:workers]
+
+    def _replace_parser(self, stuck: concurrent.futures.Future) -> None:
+        """A parse past its deadline: its worker process is killed and replaced; a thread cannot
+        be stopped, so it is left to finish alone and a new one takes the next feeds."""
+        _LOG.warning("a feed's parse passed fetch.parse_timeout; replacing the parser")
+        if isinstance(self._parser, WorkerPool):
+            self._parser.replace(stuck)
+            return
+        self._parser.shutdown(wait=False, cancel_futures=True)
+        self._parser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse")
 
     def start_bundle(self) -> None:
         self._settle_until: float | None = None

@@ -78,6 +78,19 @@ class FetchSettings:
     parse_processes: int | str = AUTO
     # Articles fetched but not yet through NLP, across all feeds; when reached, due feeds wait.
     max_backlog: int = 20_000
+    # Work budgets (docs/hostile-input.md): feedparser sees at most this many bytes and
+    # max_items_per_feed items (cut before parsing).
+    max_parse_bytes: int = 8 * 1024 * 1024
+    # Beyond this many tags in a document, feedparser skips its (pure-Python) HTML sanitising.
+    max_sanitized_tags: int = 20_000
+    parse_timeout: float = 30.0  # per feed; a parser past it is replaced and the feed dead-lettered
+    # Article pages (full_text feeds): a much smaller cap than feeds, after inflating.
+    max_page_bytes: int = 2 * 1024 * 1024
+    full_text_timeout: float = 60.0  # a batch's page fetches and extraction, all together
+    # HTML nested deeper than this is read as plain text: deep trees cost the HTML parser dearly.
+    max_html_depth: int = 256
+    # A stopped or bounded run exits this long after its end, whatever is still in flight.
+    shutdown_grace: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +102,12 @@ class NlpSettings:
     # spaCy worker processes; 0: in the pipeline process; auto: one per core on the local
     # runner, 0 on a distributed one (its workers already are one process per core).
     processes: int | str = AUTO
+    # Work budget per article (docs/hostile-input.md): runs of one punctuation character are
+    # cut to max_char_run and unbroken tokens split at max_token_chars before the tokenizer
+    # (both are quadratic in it); a worker past article_timeout seconds is replaced.
+    max_char_run: int = 8
+    max_token_chars: int = 100
+    article_timeout: float = 20.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,8 @@ the work runs in-process, without a pool.
 
 A child that dies (a segfault in a C extension, the OOM killer) breaks the pool; `run`
 replaces the pool and raises `WorkerCrash`, so the caller can retry or dead-letter the input
-that killed it instead of losing the rest.
+that killed it instead of losing the rest. A child past its deadline is killed the same way
+(`replace`).
 """
 from __future__ import annotations
 
@@ -55,9 +56,11 @@ class WorkerPool:
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         _LOG.info("starting %d %s process(es)", self.processes, self._name)
-        return concurrent.futures.ProcessPoolExecutor(
+        executor = concurrent.futures.ProcessPoolExecutor(
             self.processes, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_child, initargs=(os.getpid(), self._initializer, self._initargs))
+        _await_ready(executor, self.processes)
+        return executor
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         with self._lock:
@@ -80,6 +83,18 @@ class WorkerPool:
             self._restart(executor)
             raise WorkerCrash(f"a {self._name} process died: {err}") from None
 
+    def replace(self, stuck: concurrent.futures.Future) -> None:
+        """Kills the workers of the pool that runs `stuck` (past its deadline: a process cannot
+        be interrupted otherwise) and starts a new pool; the other futures of that pool fail
+        with BrokenProcessPool, as after a crash."""
+        with self._lock:
+            executor = self._executor
+        if stuck.done():
+            return
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.kill()
+        self._restart(executor)
+
     def _restart(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
         with self._lock:
             if self._executor is broken:  # only the first thread to notice replaces it
@@ -90,6 +105,26 @@ class WorkerPool:
     def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
         """As `Executor.shutdown`, so a pool can stand in for a thread pool."""
         self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _await_ready(executor: concurrent.futures.ProcessPoolExecutor, processes: int, patience: float = 300.0) -> None:
+    """Returns once every process has run its initializer (or a crash broke the pool), so a
+    caller's deadline on its first task never counts the start-up (a spaCy model loads ~5 s)."""
+    seen: set[int] = set()
+    give_up = time.monotonic() + patience
+    try:
+        while len(seen) < processes and time.monotonic() < give_up:
+            futures = [executor.submit(_pid_after, 0.05) for _ in range(processes)]
+            seen.update(future.result(timeout=max(0.1, give_up - time.monotonic())) for future in futures)
+    except BrokenProcessPool:
+        pass  # the first real task raises it again, and the caller handles it as a crash
+    except TimeoutError:
+        _LOG.warning("worker processes not ready after %gs; going on", patience)
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)  # long enough that an idle, ready process takes the next one
+    return os.getpid()
 
 
 def _start_child(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
