@@ -101,14 +101,14 @@ def model_texts(records: list[dict], settings) -> list[str]:
     from newsbeam.transforms.clean import clean_article
     from newsbeam.transforms.entities import nlp_text, truecase_headlines
     from newsbeam.transforms.fetch import FetchResult
-    from newsbeam.transforms.parse import parse_feed
+    from newsbeam.transforms.parse import safe_read_feed
     url = "http://127.0.0.1/bench.xml"
     served = FetchResult(Feed(url=url), url, 200, {"content-type": "application/rss+xml"},
                          feed_xml([item_xml(r) for r in records]), time.time(), 0.0)
-    articles, problem = parse_feed(served, max_items=len(records))
-    if problem or len(articles) != len(records):
-        raise SystemExit(f"bench: the corpus did not parse as the pipeline parses it: {problem}")
-    return [truecase_headlines(nlp_text(clean_article(article), settings.max_chars)) for article in articles]
+    parsed = safe_read_feed(served, len(records), 200_000)
+    if parsed.problem or len(parsed.articles) != len(records):
+        raise SystemExit(f"bench: the corpus did not parse as the pipeline parses it: {parsed.problem}")
+    return [truecase_headlines(nlp_text(clean_article(article), settings.max_chars)) for article in parsed.articles]
 
 
 class BareSpacy:

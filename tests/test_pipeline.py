@@ -10,7 +10,7 @@ from newsbeam.pipeline.config import Feed
 from newsbeam.transforms.deadletter import DEAD
 from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
 from newsbeam.transforms.fetch import FetchResult
-from newsbeam.transforms.parse import ParseEntries
+from newsbeam.transforms.parse import parse_dead_letter, safe_read_feed
 from newsbeam.transforms.topics import Taxonomy
 from tests.feedserver import fixture_articles, rss
 
@@ -18,6 +18,15 @@ from tests.feedserver import fixture_articles, rss
 def fetched(items, url="https://news.example.org/feed.xml"):
     return FetchResult(feed=Feed(url=url), final_url=url, status=200, headers={}, body=rss(items),
                        fetched_at=time.time(), elapsed=0.0)
+
+
+def parse_entries(result: FetchResult):
+    """What PollFeeds does with a fetched feed: its articles, or one dead letter."""
+    parsed = safe_read_feed(result, 500, 200_000)
+    if parsed.problem:
+        yield beam.pvalue.TaggedOutput(DEAD, parse_dead_letter(result, parsed))
+    else:
+        yield from parsed.articles
 
 
 def test_parse_enrich_index_with_duplicates_and_a_broken_feed(es, settings):
@@ -32,7 +41,8 @@ def test_parse_enrich_index_with_duplicates_and_a_broken_feed(es, settings):
     broken = FetchResult(feed=Feed(url="https://broken.example.org/rss"), final_url="https://broken.example.org/rss",
                          status=200, headers={}, body=b"<html>oops</html>", fetched_at=time.time(), elapsed=0.0)
     with TestPipeline() as p:
-        parsed = p | beam.Create([first, again, broken]) | ParseEntries()
+        parsed = (p | beam.Create([first, again, broken])
+                  | "Parse" >> beam.FlatMap(parse_entries).with_outputs(DEAD, main="articles"))
         enriched, enrich_dead = enrich(parsed.articles, settings, taxonomy)
         indexed = enriched | IndexArticles(settings.elasticsearch)
         dead = (parsed[DEAD], *enrich_dead, indexed[DEAD]) | "Dead" >> beam.Flatten()
@@ -52,3 +62,4 @@ def test_parse_enrich_index_with_duplicates_and_a_broken_feed(es, settings):
                     query={"match": {"lemmas": "ventilator"}})["count"] == 1
     dead_docs = es.search(index=settings.elasticsearch.deadletter_index)["hits"]["hits"]
     assert [(d["_source"]["stage"], d["_source"]["reason"]) for d in dead_docs] == [("parse", "unparseable_feed")]
+

@@ -3,6 +3,7 @@ NER DoFn: same tags as in-process, and a worker that dies costs one dead letter,
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 from apache_beam.pvalue import TaggedOutput
@@ -14,24 +15,19 @@ from newsbeam.pipeline.config import ConfigError, NlpSettings, for_runner, load_
 from newsbeam.transforms import timing
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import TagEntitiesFn
-from newsbeam.transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
+from newsbeam.transforms.workers import WorkerPool, resolve_processes
 from tests import workerjobs
 from tests.feedserver import fixture_articles
 
 
-def test_split_keeps_order_and_balances():
-    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert split([1], 4) == [[1]]
-    assert sum(split(list(range(100)), 8), []) == list(range(100))
-
-
-def test_a_pool_maps_in_order_and_survives_a_dead_worker():
+def test_a_pool_runs_in_order_and_survives_a_dead_worker():
     pool = WorkerPool(2, name="test")
     try:
-        assert pool.map(workerjobs.square, [[1, 2], [3], [4, 5]]) == [[1, 4], [9], [16, 25]]
-        with pytest.raises(WorkerCrash, match="a test process died"):
-            pool.map(workerjobs.die, [None])
-        assert pool.map(workerjobs.square, [[6]]) == [[36]]  # a new pool took over
+        futures = [pool.submit(workerjobs.square, chunk) for chunk in ([1, 2], [3], [4, 5])]
+        assert [future.result() for future in futures] == [[1, 4], [9], [16, 25]]
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(workerjobs.die, None).result()
+        assert pool.submit(workerjobs.square, [6]).result() == [36]  # a new pool took over
     finally:
         pool.shutdown()
 

@@ -225,10 +225,6 @@ class BulkWriter:
         return outcomes  # type: ignore[return-value]
 
 
-def _unchecked_client(settings: ElasticsearchSettings) -> Elasticsearch:
-    return connect(settings, check=False)
-
-
 class WriteFn(PooledBatchingDoFn):
     """Buffers documents, flushes them with BulkWriter at a count or byte limit and at the
     end of each bundle; permanent failures go to the `dead` output.
@@ -257,7 +253,8 @@ class WriteFn(PooledBatchingDoFn):
         self._retried = Metrics.counter("newsbeam", f"{stage}_retried")
 
     def setup(self) -> None:
-        self._client = (self._client_factory or _unchecked_client)(self._settings)
+        self._client = (self._client_factory(self._settings) if self._client_factory
+                        else connect(self._settings, check=False))
         # Beam counts metrics only on the bundle's thread: the sender notes retries here.
         self._retries: collections.deque[int] = collections.deque()
         self._writer = BulkWriter(self._client, self._index, self._id_field, self._op,

@@ -333,11 +333,6 @@ def entities_from_mentions(mentions: Iterable[Mention]) -> list[dict[str, Any]]:
     return list(entities.values())
 
 
-def canonical_entities(doc) -> list[dict[str, Any]]:
-    """Entities of one Doc as `{name, label, text, count}`, one per canonical name."""
-    return entities_from_mentions(entity_mentions(doc))
-
-
 def facet_fields(entities: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     """Flat keyword lists per label family (`persons`, `organizations`, `locations`)."""
     facets: dict[str, list[str]] = {"persons": [], "organizations": [], "locations": []}

@@ -7,9 +7,9 @@ forking it is unsafe), each set up once by `initializer` (e.g. loading the spaCy
 On a distributed runner every worker already is such a process: keep `processes` at 1 and
 the work runs in-process, without a pool.
 
-A child that dies (a segfault in a C extension, the OOM killer) breaks the pool; `run`
-replaces the pool and raises `WorkerCrash`, so the caller can retry or dead-letter the input
-that killed it instead of losing the rest.
+A child that dies (a segfault in a C extension, the OOM killer) breaks the pool: the caller's
+future fails with `BrokenProcessPool`, so the caller can retry or dead-letter the input that
+killed it instead of losing the rest, and the next `submit` replaces the pool.
 """
 from __future__ import annotations
 
@@ -20,15 +20,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 _LOG = logging.getLogger(__name__)
-
-
-class WorkerCrash(RuntimeError):
-    """A worker process died while handling the input."""
 
 
 def resolve_processes(processes: int) -> int:
@@ -68,18 +64,6 @@ class WorkerPool:
             self._restart(executor)
             return self._executor.submit(fn, *args)
 
-    def map(self, fn: Callable[[Any], Any], chunks: Sequence[Any]) -> list[Any]:
-        """fn(chunk) for every chunk, in parallel, results in order. Raises `WorkerCrash` when
-        a worker died (the pool is replaced first) and fn's own exception otherwise."""
-        with self._lock:
-            executor = self._executor
-        futures = [executor.submit(fn, chunk) for chunk in chunks]
-        try:
-            return [future.result() for future in futures]
-        except BrokenProcessPool as err:
-            self._restart(executor)
-            raise WorkerCrash(f"a {self._name} process died: {err}") from None
-
     def _restart(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
         with self._lock:
             if self._executor is broken:  # only the first thread to notice replaces it
@@ -108,15 +92,3 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(0)
-
-
-def split(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
-    """`items` in at most `parts` contiguous chunks of near-equal size, none empty."""
-    parts = max(1, min(parts, len(items)))
-    size, extra = divmod(len(items), parts)
-    chunks, start = [], 0
-    for number in range(parts):
-        end = start + size + (1 if number < extra else 0)
-        chunks.append(items[start:end])
-        start = end
-    return chunks
