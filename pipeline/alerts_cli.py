@@ -22,15 +22,14 @@ from newsbeam.transforms.rules import Rule, RuleError, format_duration, parse_du
 
 
 def _client(settings: Settings):
-    from newsbeam.transforms.alerts import ensure_alert_indices
-    from newsbeam.transforms.elastic import connect
+    from newsbeam.transforms.elastic import connect, ensure_indices
     client = connect(settings.elasticsearch)
-    ensure_alert_indices(client, settings.alerts)
+    ensure_indices(client, settings.elasticsearch, settings.alerts)
     return client
 
 
 def _now() -> str:
-    from newsbeam.transforms.delivery import iso
+    from newsbeam.transforms.clock import iso
     return iso(time.time())
 
 

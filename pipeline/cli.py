@@ -117,7 +117,7 @@ def cmd_run(argv: list[str]) -> int:
     _LOG.info("spaCy runs in %s, feedparser in %s", _workers(settings.nlp.processes),
               _workers(settings.fetch.parse_processes))
     client = connect(settings.elasticsearch)
-    ensure_indices(client, settings.elasticsearch)
+    ensure_indices(client, settings.elasticsearch, settings.alerts)
     _LOG.info("polling %d feed(s) every %gs into %s (alias %s)%s", len(settings.feeds), settings.poll_interval,
               settings.elasticsearch.url, settings.elasticsearch.articles_alias,
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")

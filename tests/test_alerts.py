@@ -17,9 +17,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import Settings
-from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id, ensure_alert_indices
+from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id
 from newsbeam.transforms.delivery import DeliveryError, Outbox, Senders
-from newsbeam.transforms.elastic import connect
+from newsbeam.transforms.elastic import connect, ensure_indices
 from newsbeam.transforms.rules import Rule, parse_target, spacy_lemmatizer
 from tests.conftest import REPO
 from tests.feedserver import fixture_articles, rss
@@ -43,7 +43,7 @@ def stop_outboxes():
 
 
 def save_rule(es, settings: Settings, rule: Rule) -> None:
-    ensure_alert_indices(es, settings.alerts)
+    ensure_indices(es, settings.elasticsearch, settings.alerts)
     es.index(index=settings.alerts.rules_index, id=rule.name, document=rule.to_doc(), refresh=True)
 
 
@@ -157,7 +157,7 @@ def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings)
 
 
 def _epoch(value: str) -> float:
-    from newsbeam.transforms.delivery import epoch
+    from newsbeam.transforms.clock import epoch
     return epoch(value)
 
 

@@ -19,8 +19,8 @@ SECRET_NAMES = ("ELASTICSEARCH_API_KEY", "ELASTICSEARCH_USERNAME", "ELASTICSEARC
 def secure_settings(secure_es_node, monkeypatch):
     for name in SECRET_NAMES:
         monkeypatch.delenv(name, raising=False)
-    return ElasticsearchSettings(url=secure_es_node.url, articles_alias="secure-articles",
-                                 deadletter_index="secure-deadletters", ca_certs=secure_es_node.ca_certs)
+    # The shipped index names: the role local_es installs covers exactly those (the node is this session's own).
+    return ElasticsearchSettings(url=secure_es_node.url, ca_certs=secure_es_node.ca_certs)
 
 
 def test_tls_is_verified_against_the_ca(secure_es_node, secure_settings, monkeypatch):

@@ -31,7 +31,7 @@ from apache_beam.utils import shared
 
 from newsbeam.transforms import timing
 from newsbeam.transforms.batching import PooledBatchingDoFn
-from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.deadletter import DEAD, failed
 from newsbeam.transforms.settings import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
 from newsbeam.transforms.workers import WorkerPool
 
@@ -510,9 +510,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
         try:
             tagged, timings = self._tag([article]).result()
         except Exception as err:  # BrokenProcessPool: the worker died on this article
-            return [beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                "entities", type(err).__name__, str(err), feed_url=article.get("feed_url", ""),
-                article_id=article.get("article_id", ""), url=article.get("url", ""), payload=article))]
+            return [failed(article, "entities", err)]
         self._record(1, timings)
         return tagged
 

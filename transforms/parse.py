@@ -72,7 +72,7 @@ def _iso(struct: time.struct_time | None) -> str | None:
         return None
     if not _EARLIEST_DATE <= seconds <= time.time() + _FUTURE_SLACK:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return clock.iso(seconds, millis=False)
 
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
