@@ -1,4 +1,5 @@
 """The enrichment and indexing stages in a TestPipeline, writing to the real Elasticsearch."""
+import json
 import time
 
 import apache_beam as beam
@@ -11,6 +12,7 @@ from newsbeam.transforms.deadletter import DEAD
 from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
 from newsbeam.transforms.fetch import FetchResult
 from newsbeam.transforms.parse import parse_dead_letter, safe_read_feed
+from newsbeam.transforms.tagging import OUTPUT_FIELDS, Tagger
 from newsbeam.transforms.topics import Taxonomy
 from tests.feedserver import fixture_articles, rss
 
@@ -63,3 +65,32 @@ def test_parse_enrich_index_with_duplicates_and_a_broken_feed(es, settings):
     dead_docs = es.search(index=settings.elasticsearch.deadletter_index)["hits"]["hits"]
     assert [(d["_source"]["stage"], d["_source"]["reason"]) for d in dead_docs] == [("parse", "unparseable_feed")]
 
+
+GERMAN = {"title": "Bundesregierung liefert Beatmungsgeräte", "link": "https://news.example.org/de/beatmung",
+          "html": "<p>Die Bundesregierung hat am Montag neue Beatmungsgeräte an mehrere Krankenhäuser in Berlin "
+                  "und Hamburg geliefert, teilte das Gesundheitsministerium mit.</p>"}
+
+
+def test_tag_runs_the_pipelines_enrich_chain_language_routing_included(es, settings, nlp):
+    """`newsbeam tag` (Tagger) and the pipeline's `enrich` give the same fields for the same
+    parsed articles; the feed states no language, so both detect it and skip NER for German."""
+    client = connect(settings.elasticsearch)
+    ensure_indices(client, settings.elasticsearch)
+    fixtures = fixture_articles()
+    parsed = safe_read_feed(fetched([fixtures["ventilators"], fixtures["floods"], GERMAN]), 500, 200_000).articles
+    parsed = [{key: value for key, value in article.items() if key != "language"} for article in parsed]
+    taxonomy = Taxonomy.load(settings.topics_file)
+    compared = (*OUTPUT_FIELDS, "body", "lemmas")
+
+    def fields(article: dict) -> tuple[str, str]:
+        return article["article_id"], json.dumps({key: article.get(key) for key in compared}, sort_keys=True)
+
+    offline = Tagger(nlp, taxonomy, settings).tag_articles(parsed)
+    by_id = dict(fields(article) for article in offline)
+    assert json.loads(by_id[parsed[2]["article_id"]])["language"] == "de"
+    assert json.loads(by_id[parsed[2]["article_id"]])["nlp_skipped"] is True
+    assert json.loads(by_id[parsed[0]["article_id"]])["language"] == "en"
+    assert "medical equipment aid" in json.loads(by_id[parsed[0]["article_id"]])["topics"]
+    with TestPipeline() as p:
+        enriched, _ = enrich(p | beam.Create(parsed), settings, taxonomy)
+        assert_that(enriched | beam.Map(fields), equal_to(list(by_id.items())), label="SameAsTag")
