@@ -1,8 +1,8 @@
 """The CLI's contract: `newsbeam tag` and clear one-line errors."""
 import json
 
-from tests.feedserver import fixture_articles
-from tests.test_end_to_end import newsbeam
+from tests.support.cli import newsbeam
+from tests.support.feedserver import fixture_articles
 
 
 def test_tag_adds_entities_and_topics_to_json_lines(tmp_path):

@@ -32,8 +32,8 @@ from newsbeam.pipeline.kibana import DASHBOARD_ID, KIBANA_VERSION, OBJECTS_DIR, 
 from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.elastic import DATE, KEYWORD, TEXT_WITH_KEYWORD, BulkWriter, connect, ensure_indices
 from newsbeam.transforms.feedstate import FeedState, health_doc
-from tests.conftest import REPO
-from tests.fixture_corpus import index_fixture_articles
+from tests.support import REPO
+from tests.support.fixture_corpus import index_fixture_articles
 
 OBJECTS = load_objects()
 BY_KEY = {(obj["type"], obj["id"]): obj for obj in OBJECTS}

@@ -5,7 +5,7 @@ from newsbeam.pipeline.config import Feed
 from newsbeam.transforms import clock
 from newsbeam.transforms.fetch import FetchResult
 from newsbeam.transforms.parse import article_id, canonical_url, safe_read_feed
-from tests.feedserver import fixture_articles, rss
+from tests.support.feedserver import fixture_articles, rss
 
 
 def result(body: bytes, url: str = "https://news.example.org/feed.xml", headers=None) -> FetchResult:

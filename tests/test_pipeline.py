@@ -14,7 +14,7 @@ from newsbeam.transforms.fetch import FetchResult
 from newsbeam.transforms.parse import parse_dead_letter, safe_read_feed
 from newsbeam.transforms.tagging import OUTPUT_FIELDS, Tagger
 from newsbeam.transforms.topics import Taxonomy
-from tests.feedserver import fixture_articles, rss
+from tests.support.feedserver import fixture_articles, rss
 
 
 def fetched(items, url="https://news.example.org/feed.xml"):

@@ -13,8 +13,8 @@ from newsbeam.transforms.entities import (
     truecase_headlines,
 )
 from newsbeam.transforms.topics import Taxonomy, score_article, tag_topics
-from tests.conftest import REPO
-from tests.feedserver import fixture_articles
+from tests.support import REPO
+from tests.support.feedserver import fixture_articles
 
 
 @pytest.fixture(scope="module")

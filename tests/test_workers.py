@@ -17,7 +17,7 @@ from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import TagEntitiesFn
 from newsbeam.transforms.workers import WorkerPool, resolve_processes
 from tests import workerjobs
-from tests.feedserver import fixture_articles
+from tests.support.feedserver import fixture_articles
 
 
 def test_a_pool_runs_in_order_and_survives_a_dead_worker():
@@ -65,6 +65,7 @@ def _run(fn: TagEntitiesFn, articles: list[dict]) -> list:
         fn.teardown()
 
 
+@pytest.mark.slow
 def test_pooled_ner_tags_exactly_like_in_process_ner():
     articles = _articles()
     in_process, _ = _run(TagEntitiesFn(NlpSettings(processes=0), shared.Shared()), articles)
@@ -78,6 +79,7 @@ class _PoisonedFn(TagEntitiesFn):
     worker = staticmethod(workerjobs.tag_or_die)
 
 
+@pytest.mark.slow
 def test_an_article_that_kills_its_worker_is_a_dead_letter_and_the_batch_is_still_tagged():
     articles = _articles()
     articles.insert(2, {**articles[0], "title": "poison", "article_id": "poison", "url": "poison"})

@@ -22,7 +22,7 @@ import pytest
 from newsbeam.pipeline.config import Feed, FetchSettings
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
 from newsbeam.transforms.parse import declares_entities, parse_document, read_feed
-from tests.conftest import REPO
+from tests.support import REPO
 
 CORPUS = REPO.parent / "shared" / "corpus" / "feedparser-tests" / "tests"
 if not CORPUS.is_dir():

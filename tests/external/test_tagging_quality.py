@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 SHARED = REPO.parent / "shared"
 CORPUS = SHARED / "corpus"

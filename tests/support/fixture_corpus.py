@@ -13,7 +13,7 @@ from newsbeam.transforms.fetch import FetchResult
 from newsbeam.transforms.parse import safe_read_feed
 from newsbeam.transforms.tagging import Tagger
 from newsbeam.transforms.topics import Taxonomy
-from tests.feedserver import fixture_articles, rss
+from tests.support.feedserver import fixture_articles, rss
 
 # Two feeds on two hosts, so "top sources" has more than one value.
 FEEDS = {"https://news.example.org/world.xml": ["ventilators", "floods", "election"],
