@@ -198,7 +198,7 @@ def add_parser(commands) -> None:
     alerts = commands.add_parser(
         "alerts", help="watch-term alert rules: add, list, import, back-fill",
         description="Query language: words and \"phrases\" (matched on lemmas), AND, OR, NOT, ( ), "
-                    "topic:, entity:, person:, org:, location:, source:, language:. See README, Alerts.")
+                    "topic:, entity:, person:, org:, location:, source:, language:. See docs/alerts.md.")
     actions = alerts.add_subparsers(dest="alerts_action", required=True)
     add = actions.add_parser("add", parents=[common], help="save a rule")
     add.add_argument("name")

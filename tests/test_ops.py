@@ -1,10 +1,12 @@
 """`newsbeam status` and `newsbeam es create-api-key` against the real Elasticsearch."""
 import json
 
+from newsbeam.pipeline import es_role
 from newsbeam.pipeline.config import ElasticsearchSettings, Settings
 from newsbeam.pipeline.ops_cli import pipeline_role
 from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
+from tests.support import REPO
 from tests.support.cli import newsbeam
 from tests.support.config import write_config
 
@@ -45,6 +47,14 @@ def test_pipeline_role_covers_only_newsbeam_indices():
     rules = next(e for e in role["indices"] if e["names"] == ["newsbeam-rules"])
     assert set(rules["privileges"]) == {"read", "view_index_metadata"}  # rules are read-only for the pipeline
     assert "all" not in role["cluster"]
+
+
+def test_local_es_and_the_docs_carry_the_same_role_as_create_api_key():
+    role = pipeline_role(Settings())
+    assert json.loads(es_role.roles_file()) == {es_role.ROLE_NAME: role}  # what local_es writes to roles.yml
+    operations = (REPO / "docs" / "operations.md").read_text()
+    documented = operations.split("## The pipeline's role", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    assert json.loads(documented) == role
 
 
 def test_create_api_key_reports_a_refusing_server_in_one_line(secure_es_node):

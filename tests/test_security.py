@@ -50,7 +50,7 @@ def test_least_privilege_user_sets_up_and_writes_but_cannot_touch_other_indices(
 
 
 def test_an_api_key_is_sent_from_the_environment(secure_settings, monkeypatch):
-    # The bare server cannot mint API keys (see README); an invalid key proves the header is
+    # The bare server cannot mint API keys (see docs/operations.md); an invalid key proves the header is
     # sent and that the refusal is reported clearly.
     monkeypatch.setenv("ELASTICSEARCH_API_KEY", "bm90LWEta2V5Om5vcGU=")
     with pytest.raises(ElasticsearchUnavailable, match="refused the credentials"):

@@ -476,8 +476,8 @@ class TagEntitiesFn(PooledBatchingDoFn):
                 lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="newsbeam-spacy")
             # spaCy takes the GIL back after each stretch of work that released it; while the
-            # pipeline thread holds it, the wait lasts up to the interpreter's switch interval.
-            # At the default 5 ms spaCy's thread waited 3.3-3.8% of its time, at 0.5 ms 1.4-2.0%.
+            # pipeline thread holds it, the wait lasts up to the interpreter's switch interval,
+            # so a shorter interval while this thread exists (measured: docs/benchmarks.md).
             _switch_interval.lower()
             self._lowered = True
 

@@ -88,7 +88,7 @@ def _start_child(parent: int, initializer: Callable[..., None] | None, initargs:
 
 def _exit_with_parent(parent: int) -> None:
     """A worker ends when its parent does: after a `kill -9` of the pipeline nothing closes the
-    pool, and an idle worker (a spaCy model, ~300 MB) would otherwise wait for work forever."""
+    pool, and an idle worker (holding a spaCy model) would otherwise wait for work forever."""
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(0)
