@@ -2,7 +2,7 @@
 webhook call is received, through `newsbeam run` (the local runner) and a real
 Elasticsearch, with the feed and the webhook receiver on 127.0.0.1.
 
-    .venv/bin/python bench/alert_latency.py --items 60 --poll-interval 2
+    .venv/bin/python -m bench.alert_latency --items 60 --poll-interval 2
 
 Items are real news articles from ../shared/corpus (ReCOVery; falls back to the project's
 own fixtures) that mention the coronavirus; the rule is the lemma query
@@ -23,14 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import yaml  # noqa: E402
-
-from newsbeam.pipeline import local_es  # noqa: E402
-from tests.feedserver import FeedServer, fixture_articles, rss  # noqa: E402
-from tests.receivers import WebhookReceiver  # noqa: E402
+from newsbeam.pipeline import local_es
+from tests.support import REPO
+from tests.support.cli import COMMAND
+from tests.support.config import prefixed, write_config
+from tests.support.feedserver import FeedServer, fixture_articles, rss
+from tests.support.receivers import WebhookReceiver
 
 QUERY = "coronavirus OR covid OR pandemic OR virus"
 WORDS = ("coronavirus", "covid", "pandemic", "virus")
@@ -58,24 +56,6 @@ def load_items(corpus: Path, count: int) -> list[dict]:
     return items
 
 
-def write_config(directory: Path, es_url: str, poll_interval: float) -> Path:
-    config = yaml.safe_load((REPO / "configs" / "pipeline.yaml").read_text())
-    stamp = f"bench{int(time.time())}"
-    config.update(poll_interval=poll_interval, topics_file=str(REPO / "configs" / "topics.yaml"))
-    config.pop("feeds_file", None)
-    if (config.get("nlp") or {}).get("gazetteer"):
-        config["nlp"]["gazetteer"] = str(REPO / "configs" / config["nlp"]["gazetteer"])
-    config["elasticsearch"].update(url=es_url, articles_alias=f"{stamp}-articles",
-                                   deadletter_index=f"{stamp}-deadletters")
-    if "feeds_index" in config["elasticsearch"]:
-        config["elasticsearch"]["feeds_index"] = f"{stamp}-feeds"
-    config.setdefault("fetch", {}).update(allow_private_addresses=True, unchanged_backoff_max=1)
-    config["alerts"] = {"rules_index": f"{stamp}-rules", "alerts_index": f"{stamp}-alerts"}
-    path = directory / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
@@ -98,8 +78,9 @@ def main() -> int:
     if not es_url:
         es_dir = Path(tempfile.mkdtemp(prefix="newsbeam-bench-es-"))  # its own: the server runs as another user
         es_url = local_es.start(es_dir, port=local_es.free_port()).url
-    config = write_config(workdir, es_url, args.poll_interval)
-    newsbeam = [sys.executable, "-m", "newsbeam.pipeline.cli"]
+    es, alerts = prefixed(es_url, f"bench{int(time.time())}")
+    config = write_config(workdir, es, args.poll_interval, alerts=alerts)
+    newsbeam = list(COMMAND)
     visible: dict[str, float] = {}
     run = None
     try:

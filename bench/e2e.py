@@ -1,9 +1,9 @@
 """End-to-end benchmark: a corpus served as RSS feeds on 127.0.0.1, `newsbeam run` on the
 local runner into a real Elasticsearch, and bare `nlp.pipe` over the same texts, in one run.
 
-    .venv/bin/python bench/e2e.py                       # our synthetic corpus (bench/synthetic.py)
-    .venv/bin/python bench/e2e.py --corpus ../shared/corpus/articles/recovery-reliable.jsonl
-    .venv/bin/python bench/e2e.py --processes 0,2 --json bench.json
+    .venv/bin/python -m bench.e2e                       # our synthetic corpus (bench/synthetic.py)
+    .venv/bin/python -m bench.e2e --corpus ../shared/corpus/articles/recovery-reliable.jsonl
+    .venv/bin/python -m bench.e2e --processes 0,2 --json bench.json
 
 Per pipeline run (one per `--processes` value, in that order; repeat a value to see the spread:
 spaCy worker processes, 0 = spaCy in the pipeline process, i.e. one process like bare spaCy):
@@ -42,14 +42,13 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from elasticsearch import ApiError, Elasticsearch, NotFoundError
 
-from elasticsearch import ApiError, Elasticsearch, NotFoundError  # noqa: E402
-
-from bench.synthetic import corpus as synthetic_corpus  # noqa: E402
-from newsbeam.pipeline import local_es  # noqa: E402
-from tests.feedserver import FeedServer  # noqa: E402
+from bench.synthetic import corpus as synthetic_corpus
+from newsbeam.pipeline import local_es
+from tests.support import REPO
+from tests.support.cli import COMMAND
+from tests.support.feedserver import FeedServer
 
 
 def load_corpus(path: Path | None, limit: int) -> list[dict]:
@@ -101,14 +100,14 @@ def model_texts(records: list[dict], settings) -> list[str]:
     from newsbeam.transforms.clean import clean_article
     from newsbeam.transforms.entities import nlp_text, truecase_headlines
     from newsbeam.transforms.fetch import FetchResult
-    from newsbeam.transforms.parse import parse_feed
+    from newsbeam.transforms.parse import safe_read_feed
     url = "http://127.0.0.1/bench.xml"
     served = FetchResult(Feed(url=url), url, 200, {"content-type": "application/rss+xml"},
                          feed_xml([item_xml(r) for r in records]), time.time(), 0.0)
-    articles, problem = parse_feed(served, max_items=len(records))
-    if problem or len(articles) != len(records):
-        raise SystemExit(f"bench: the corpus did not parse as the pipeline parses it: {problem}")
-    return [truecase_headlines(nlp_text(clean_article(article), settings.max_chars)) for article in articles]
+    parsed = safe_read_feed(served, len(records), 200_000)
+    if parsed.problem or len(parsed.articles) != len(records):
+        raise SystemExit(f"bench: the corpus did not parse as the pipeline parses it: {parsed.problem}")
+    return [truecase_headlines(nlp_text(clean_article(article), settings.max_chars)) for article in parsed.articles]
 
 
 class BareSpacy:
@@ -289,7 +288,7 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
         f"  scheduler_interval: {min(args.poll_interval, 5)}\n")
     es = Elasticsearch(es_url, request_timeout=60)
     env = {**os.environ, "NEWSBEAM_STAGE_TIMES": str(work / "stages.json")}
-    cli = [sys.executable, "-m", "newsbeam.pipeline.cli"]
+    cli = list(COMMAND)
     subprocess.run([*cli, "alerts", "add", "bench", "--query", WATCH_WORD, "--config", str(config)],
                    cwd=REPO, env=env, check=True, capture_output=True)
     per_feed: list[list[str]] = [[] for _ in range(args.feeds)]

@@ -1,7 +1,7 @@
 """Good feeds beside hostile feeds and hostile items, for several poll cycles of a real
 `newsbeam run --duration N` into a real Elasticsearch, all on loopback.
 
-    .venv/bin/python bench/hostile.py --es-url http://127.0.0.1:9200 [--duration 120] [--interval 10]
+    .venv/bin/python -m bench.hostile --es-url http://127.0.0.1:9200 [--duration 120] [--interval 10]
 
 Good feeds (4) gain an item every poll interval; beside their good items they carry hostile
 ones: a run of 16,000 `(` (quadratic in spaCy's tokenizer), 40,000 nested <div>s, bad
@@ -32,11 +32,10 @@ from pathlib import Path
 import yaml
 from elasticsearch import Elasticsearch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tests.support.feedserver import rss
+from tests.support.hostileserver import HostileServer, gzipped, respond, stall, trickle_body
 
-from tests.feedserver import rss  # noqa: E402
-from tests.hostileserver import HostileServer, gzipped, respond, stall, trickle_body  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 GRACE = 10.0
 GOOD_FEEDS = 4

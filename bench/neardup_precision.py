@@ -1,7 +1,7 @@
 """Near-duplicate linking (transforms/neardup.py) on the ReCOVery articles against the
 hand-checked pairs in bench/neardup_truth.tsv: precision and recall of "same story".
 
-    .venv/bin/python bench/neardup_precision.py [--threshold 0.6]
+    .venv/bin/python -m bench.neardup_precision [--threshold 0.6]
 
 Articles are linked in corpus order, exactly as LinkStories links a stream; two articles
 are predicted copies when they end up with the same story_id.
@@ -15,11 +15,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from newsbeam.pipeline.config import DedupeSettings  # noqa: E402
-from newsbeam.transforms.neardup import StoryIndex, link_stories  # noqa: E402
+from newsbeam.pipeline.config import DedupeSettings
+from newsbeam.transforms.neardup import StoryIndex, link_stories
+from tests.support import REPO
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ trickle, gzip bomb, 404, entity declarations, redirect loop), polled by PollFeed
 cycles into a real Elasticsearch (feed health, dead letters; articles are parsed but not
 sent to NLP: this measures the scheduler, not spaCy).
 
-    .venv/bin/python bench/poll_lag.py [--feeds 1000] [--interval 60] [--cycles 3]
+    .venv/bin/python -m bench.poll_lag [--feeds 1000] [--interval 60] [--cycles 3]
 
 Lag = when a feed's request reached the server minus when it was due (the start for its first
 poll, its previous request plus the interval after that), over every request of the regular
@@ -30,8 +30,8 @@ from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tests.support import REPO
+
 HOSTS = [f"127.0.0.{i}" for i in range(2, 52)]
 MISBEHAVING = ("stall", "trickle", "bomb", "missing", "laughs", "loop")
 
@@ -44,7 +44,7 @@ def serve(port: int, corpus: str, ready, log_path: str, item_period: float = 600
     import gzip
 
     from bench.synthetic import article
-    from tests.feedserver import rss
+    from tests.support.feedserver import rss
     files = sorted(Path(corpus).glob("*/*.xml"))
     started = time.time()
     bodies = [path.read_bytes() for path in files]

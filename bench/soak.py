@@ -2,7 +2,7 @@
 1,000+ feeds served locally for a long stretch, reporting whether polling kept its schedule
 and whether memory stayed flat.
 
-    .venv/bin/python bench/soak.py --minutes 30 --json soak.json
+    .venv/bin/python -m bench.soak --minutes 30 --json soak.json
 
 Feeds, on 50 loopback hosts (127.0.0.2-51), from the server in bench/poll_lag.py:
 * the real feeds of ../shared/corpus/feeds (`--real-feeds`, default all 200; skipped without ../shared),
@@ -29,14 +29,13 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from elasticsearch import Elasticsearch
 
-from elasticsearch import Elasticsearch  # noqa: E402
-
-from bench.e2e import RssSampler, _stop, percentile  # noqa: E402
-from bench.poll_lag import HOSTS, MISBEHAVING, free_port, serve  # noqa: E402
-from newsbeam.pipeline import local_es  # noqa: E402
+from bench.e2e import RssSampler, _stop, percentile
+from bench.poll_lag import HOSTS, MISBEHAVING, free_port, serve
+from newsbeam.pipeline import local_es
+from tests.support import REPO
+from tests.support.cli import COMMAND
 
 
 def feed_urls(port: int, real: int, total: int) -> list[str]:
@@ -92,7 +91,7 @@ def main() -> int:
         f"fetch:\n  allow_private_addresses: true\n  per_host_delay: {args.per_host_delay}\n"
         "  total_timeout: 10\n  unchanged_backoff_max: 1\n")
     env = {**os.environ, "NEWSBEAM_STAGE_TIMES": str(work / "stages.json")}
-    cli = [sys.executable, "-m", "newsbeam.pipeline.cli"]
+    cli = list(COMMAND)
     subprocess.run([*cli, "alerts", "add", "aid", "--query", '"medical equipment" OR ventilator',
                     "--config", str(config)], cwd=REPO, env=env, check=True, capture_output=True)
     duration = args.minutes * 60

@@ -2,7 +2,7 @@
 ../shared: deterministic articles of realistic length (400-900 words) built from sentence
 templates with people, organisations, places and topics, so NER and topics get real work.
 
-    python bench/synthetic.py --articles 500 > /tmp/synthetic.jsonl
+    python -m bench.synthetic --articles 500 > synthetic.jsonl
 
 Records have the fields of the shared corpus files: url, title, body_text, publisher.
 """

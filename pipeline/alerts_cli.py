@@ -33,15 +33,14 @@ from newsbeam.transforms.rules import (
 
 
 def _client(settings: Settings):
-    from newsbeam.transforms.alerts import ensure_alert_indices
-    from newsbeam.transforms.elastic import connect
+    from newsbeam.transforms.elastic import connect, ensure_indices
     client = connect(settings.elasticsearch)
-    ensure_alert_indices(client, settings.alerts)
+    ensure_indices(client, settings.elasticsearch, settings.alerts)
     return client
 
 
 def _now() -> str:
-    from newsbeam.transforms.delivery import iso
+    from newsbeam.transforms.clock import iso
     return iso(time.time())
 
 
@@ -342,7 +341,7 @@ def add_parser(commands) -> None:
     alerts = commands.add_parser(
         "alerts", help="watch-term alert rules: add, list, import, back-fill",
         description="Query language: words and \"phrases\" (matched on lemmas), AND, OR, NOT, ( ), "
-                    "topic:, entity:, person:, org:, location:, source:, language:. See README, Alerts.")
+                    "topic:, entity:, person:, org:, location:, source:, language:. See docs/alerts.md.")
     actions = alerts.add_subparsers(dest="alerts_action", required=True)
     add = actions.add_parser("add", parents=[common], help="save a rule")
     add.add_argument("name")

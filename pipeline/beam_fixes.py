@@ -9,8 +9,8 @@ def bound_fnapi_metrics() -> None:
     """The FnApiRunner merges each bundle's metrics into the stage's earlier ones with
     `monitoring_infos.consolidate`, which is a generator: every bundle adds one nested
     generator that holds that bundle's metrics for the rest of the run. A streaming run makes
-    bundles forever (when there is nothing to do it cycles through empty ones), so memory grew
-    by ~15 MB/s on our 1,000-feed soak run and reading the metrics recursed once per bundle.
+    bundles forever (when there is nothing to do it cycles through empty ones), so memory grows
+    without bound and reading the metrics recurses once per bundle (docs/benchmarks.md).
     Materialising each merge keeps one short list per stage. Idempotent."""
     from apache_beam.metrics import monitoring_infos
     from apache_beam.runners.portability.fn_api_runner import fn_runner
@@ -28,7 +28,7 @@ def bound_fnapi_metrics() -> None:
 def cheap_state_weights() -> None:
     """The SDK worker's state cache weighs every value it loads or stores (`get_deep_size`,
     objsize), and objsize starts each weighing by collecting the globals dict of every loaded
-    module, ~0.8 ms here with Beam, spaCy and the Elasticsearch client loaded, for every read and
+    module (costly with Beam, spaCy and the Elasticsearch client loaded), for every read and
     write of every key: each article's dedupe flag paid it two or three times. Beam's filter
     already skips modules, types and functions, so a state value never reaches a module's globals
     and weighing without collecting them gives the same weights. Idempotent."""

@@ -15,30 +15,27 @@ import apache_beam as beam
 
 from newsbeam.pipeline.config import Settings
 from newsbeam.transforms.alerts import STORE_DEAD, MatchAlerts
-from newsbeam.transforms.clean import CleanText
 from newsbeam.transforms.deadletter import DEAD
-from newsbeam.transforms.dedupe import DedupeArticles
 from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth
-from newsbeam.transforms.entities import TagEntities
-from newsbeam.transforms.fulltext import FetchFullText
-from newsbeam.transforms.language import DetectLanguage, model_languages
-from newsbeam.transforms.neardup import LinkStories
 from newsbeam.transforms.poll import PollFeeds
-from newsbeam.transforms.topics import TagTopics, Taxonomy
+from newsbeam.transforms.tagging import ENRICH_CHAIN
+from newsbeam.transforms.topics import Taxonomy
 
 
 def enrich(articles, settings: Settings, taxonomy: Taxonomy):
-    """Parsed articles -> (enriched articles, dead letters); the part shared by every source."""
-    unique = articles | "DedupeArticles" >> DedupeArticles(settings.elasticsearch, settings.dedupe.retention)
-    if any(feed.full_text for feed in settings.feeds):
-        unique = unique | "FetchFullText" >> FetchFullText(settings.feeds, settings.fetch)
-    cleaned = unique | "CleanText" >> CleanText(settings.fetch.max_html_depth)
-    linked = cleaned.cleaned | "LinkStories" >> LinkStories(settings.elasticsearch, settings.dedupe)
-    # One stream through NER (marked, not split): on the FnApiRunner a Flatten waits for the end.
-    languages = linked | "DetectLanguage" >> DetectLanguage(model_languages(settings.nlp.model))
-    entities = languages | "TagEntities" >> TagEntities(settings.nlp)
-    topics = entities.tagged | "TagTopics" >> TagTopics(taxonomy)
-    return topics.tagged, (cleaned[DEAD], entities[DEAD], topics[DEAD])
+    """Parsed articles -> (enriched articles, dead letters): `ENRICH_CHAIN` in order, the same
+    stages `newsbeam tag` runs offline."""
+    dead = []
+    for stage in ENRICH_CHAIN:
+        if not stage.applies(settings):
+            continue
+        result = articles | stage.name >> stage.transform(settings, taxonomy)
+        if stage.main is None:
+            articles = result
+        else:
+            articles = result[stage.main]
+            dead.append(result[DEAD])
+    return articles, tuple(dead)
 
 
 def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxonomy,

@@ -200,7 +200,7 @@ def cmd_run(argv: list[str]) -> int:
     _LOG.info("spaCy runs in %s, feedparser in %s", _workers(settings.nlp.processes),
               _workers(settings.fetch.parse_processes))
     client = connect(settings.elasticsearch)
-    ensure_indices(client, settings.elasticsearch)
+    ensure_indices(client, settings.elasticsearch, settings.alerts)
     _LOG.info("polling %d feed(s) every %gs into %s (alias %s)%s", len(settings.feeds), settings.poll_interval,
               redact_url(settings.elasticsearch.url), settings.elasticsearch.articles_alias,
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")
@@ -377,7 +377,17 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class _DropBeamImportNotice(logging.Filter):
+    """Beam's GCP modules log "apitools not found ..." on import: noise for a tool that never
+    talks to Google Cloud."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports apache_beam (building the parser does); kept by basicConfig(force=True).
+    logging.getLogger().addFilter(_DropBeamImportNotice())
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     # force: importing Beam (while building the parser) may already have configured the root logger.

@@ -37,6 +37,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from newsbeam.pipeline import es_role
+
 VERSION = os.environ.get("NEWSBEAM_ES_VERSION", "9.5.4")
 ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{VERSION}:zip"
 CENTRAL = "https://repo.maven.apache.org/maven2"
@@ -47,15 +49,6 @@ DEFAULT_DIR = Path(os.environ.get("NEWSBEAM_ES_DIR", "/var/lib/newsbeam/elastics
                                   else Path.home() / ".local" / "share" / "newsbeam" / "elasticsearch"))
 RUN_AS = "elasticsearch"
 WRITER_USER = "newsbeam-writer"
-# The pipeline's least-privilege role (also documented in the README): create documents
-# and indices of its own, read the rules and the articles, nothing else.
-WRITER_ROLE = """newsbeam_writer:
-  cluster: ["monitor", "manage_index_templates"]
-  indices:
-    - names: ["news-articles*", "newsbeam-*", "secure-*"]
-      privileges: ["create_doc", "index", "create_index", "auto_configure", "read", "view_index_metadata",
-                   "manage"]
-"""
 
 
 class LocalEsError(RuntimeError):
@@ -313,9 +306,9 @@ def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = Fals
     if security:
         # File-realm users and roles: they need no .security index, which the bare server
         # cannot create (its mappings use analyzers from the absent analysis-common module).
-        (config / "roles.yml").write_text(WRITER_ROLE)
+        (config / "roles.yml").write_text(es_role.roles_file())
         users = str(home / "bin" / "elasticsearch-users")
-        for name, role in ((username, "superuser"), (WRITER_USER, "newsbeam_writer")):
+        for name, role in ((username, "superuser"), (WRITER_USER, es_role.ROLE_NAME)):
             # A folder started before has the user with an older password: replace it.
             subprocess.run([users, "userdel", name], env=env, check=False, capture_output=True)
             added = subprocess.run([users, "useradd", name, "-p", password, "-r", role], env=env, check=False,

@@ -9,6 +9,7 @@ from typing import Any
 
 from elasticsearch import ApiError, Elasticsearch
 
+from newsbeam.pipeline import es_role
 from newsbeam.pipeline.config import Settings, settings_from_args
 from newsbeam.transforms.delivery import target_state_index
 from newsbeam.transforms.elastic import ElasticsearchUnavailable, connect
@@ -30,14 +31,10 @@ def add_parsers(sub: Any) -> None:
 
 
 def pipeline_role(settings: Settings) -> dict[str, Any]:
-    """The privileges `newsbeam run` needs, on its own indices only."""
+    """The pipeline's role (pipeline/es_role.py) on the indices these settings name."""
     es, alerts = settings.elasticsearch, settings.alerts
-    own = [f"{es.articles_alias}*", es.deadletter_index, es.feeds_index, alerts.alerts_index,
-           target_state_index(alerts)]
-    return {"cluster": ["monitor", "manage_index_templates"],
-            "indices": [{"names": own, "privileges": ["create_doc", "index", "create_index", "auto_configure",
-                                                      "read", "view_index_metadata", "manage"]},
-                        {"names": [alerts.rules_index], "privileges": ["read", "view_index_metadata"]}]}
+    return es_role.pipeline_role(es.articles_alias, es.deadletter_index, es.feeds_index, alerts.alerts_index,
+                                 alerts.rules_index)
 
 
 def cmd_create_api_key(args: argparse.Namespace) -> int:

@@ -14,9 +14,23 @@ from elasticsearch import Elasticsearch
 
 from newsbeam.pipeline import local_es
 from newsbeam.pipeline.config import ElasticsearchSettings, Settings, load_settings
-from tests.feedserver import FeedServer
+from tests.support import REPO
+from tests.support.feedserver import FeedServer
 
-REPO = Path(__file__).resolve().parent.parent
+# Fixtures that reach a real Elasticsearch: a test using one is marked `integration`.
+_ELASTICSEARCH_FIXTURES = frozenset({"es", "es_url", "es_node", "es_settings", "settings", "secure_es_node"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`integration`: the test talks to Elasticsearch. `slow` (besides the tests marked by hand,
+    which run the streaming pipeline): it needs the secure node, which the session starts for it,
+    or it is part of the external suite."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & _ELASTICSEARCH_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+        if "secure_es_node" in fixtures or item.get_closest_marker("external"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

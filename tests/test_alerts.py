@@ -17,14 +17,15 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import Settings
-from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id, ensure_alert_indices
+from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id
 from newsbeam.transforms.delivery import DeliveryError, DeliveryLoop, Outbox, Senders, target_id
-from newsbeam.transforms.elastic import connect
+from newsbeam.transforms.elastic import connect, ensure_indices
 from newsbeam.transforms.rules import Rule, parse_target, spacy_lemmatizer
-from tests.conftest import REPO
-from tests.feedserver import fixture_articles, rss
-from tests.receivers import SmtpReceiver, WebhookReceiver
-from tests.test_end_to_end import newsbeam, write_config
+from tests.support import REPO
+from tests.support.cli import newsbeam, start_newsbeam
+from tests.support.config import write_config
+from tests.support.feedserver import fixture_articles, rss
+from tests.support.receivers import SmtpReceiver, WebhookReceiver
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def tid(target: str) -> str:
 
 
 def save_rule(es, settings: Settings, rule: Rule) -> None:
-    ensure_alert_indices(es, settings.alerts)
+    ensure_indices(es, settings.elasticsearch, settings.alerts)
     es.index(index=settings.alerts.rules_index, id=rule.name, document=rule.to_doc(), refresh=True)
 
 
@@ -81,6 +82,7 @@ def alert_docs(es, settings: Settings, rule: str) -> list[dict]:
     return [hit["_source"] for hit in hits]
 
 
+@pytest.mark.slow
 def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es, alert_settings, delivery):
     with WebhookReceiver() as hook:
         hook.fail("/hook")
@@ -108,6 +110,7 @@ def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es
         assert all(doc["pending_targets"] == [] and doc["deliveries"][0]["status"] == "delivered" for doc in docs)
 
 
+@pytest.mark.slow
 def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es, alert_settings):
     """The delivery loop is a daemon thread; exiting while it sends must not leave a claim that
     holds the alert back for `claim_seconds` (120 s) from the next run."""
@@ -137,6 +140,7 @@ def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es,
                                                                       for a in articles)
 
 
+@pytest.mark.slow
 def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings, delivery):
     with WebhookReceiver() as hook:
         save_rule(es, alert_settings, Rule("burst", "ventilator", notify=(f"webhook:{hook.url('/digest')}",),
@@ -162,7 +166,7 @@ def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings,
 
 
 def _epoch(value: str) -> float:
-    from newsbeam.transforms.delivery import epoch
+    from newsbeam.transforms.clock import epoch
     return epoch(value)
 
 
@@ -208,15 +212,8 @@ def test_slack_and_email_escape_article_text_and_email_uses_env_credentials(aler
 
 def cli_config(tmp_path: Path, settings: Settings, poll_interval: float = 3) -> Path:
     """A pipeline.yaml for `newsbeam` pointing at the test indices."""
-    path = write_config(tmp_path, settings.elasticsearch, poll_interval)
-    config = yaml.safe_load(path.read_text())
-    gazetteer = (config.get("nlp") or {}).get("gazetteer")
-    if gazetteer:  # relative to configs/, not to the temporary folder
-        config["nlp"]["gazetteer"] = str(REPO / "configs" / gazetteer)
-    config["alerts"] = {"rules_index": settings.alerts.rules_index, "alerts_index": settings.alerts.alerts_index,
-                        "sweep_interval": 0.5, "retry_initial": 0.5, "retry_max": 2}
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(tmp_path, settings.elasticsearch, poll_interval, alerts=settings.alerts,
+                        overrides={"alerts": {"sweep_interval": 0.5, "retry_initial": 0.5, "retry_max": 2}})
 
 
 def test_rule_commands_and_a_running_matcher_see_every_change(tmp_path, es, alert_settings, nlp, capsys):
@@ -259,6 +256,7 @@ def test_rule_commands_and_a_running_matcher_see_every_change(tmp_path, es, aler
     assert "off  putin-kremlin" in listing and "ventilators-russia" in listing and "vents" not in listing
 
 
+@pytest.mark.slow
 def test_seed_scenario_one_webhook_call_one_alert_and_a_rule_added_mid_run(tmp_path, es, alert_settings,
                                                                            feed_server):
     fixtures = fixture_articles()
@@ -271,8 +269,8 @@ def test_seed_scenario_one_webhook_call_one_alert_and_a_rule_added_mid_run(tmp_p
         assert added.returncode == 0, added.stderr
         log = tmp_path / "run.log"
         with open(log, "w") as output:
-            run = subprocess.Popen([sys.executable, "-m", "newsbeam.pipeline.cli", "run", "--config", config, "--feed", feed,
-                                    "--duration", "30"], cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+            run = start_newsbeam("run", "--config", config, "--feed", feed, "--duration", "30", stdout=output,
+                                 stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 90
             while not hook.bodies("/hook") and run.poll() is None and time.monotonic() < deadline:
@@ -306,6 +304,7 @@ def test_seed_scenario_one_webhook_call_one_alert_and_a_rule_added_mid_run(tmp_p
     assert "2 indexed article(s) since 36500d" in adhoc.stderr
 
 
+@pytest.mark.slow
 def test_a_restart_neither_loses_nor_repeats_notifications(tmp_path, es, alert_settings, feed_server):
     fixtures = fixture_articles()
     items = [fixtures["ventilators"], fixtures["late"], fixtures["floods"], fixtures["chips"]]

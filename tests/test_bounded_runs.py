@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO
-from tests.feedserver import rss
-from tests.hostileserver import HostileServer, respond, stall, trickle_body
-from tests.test_end_to_end import write_config
+from tests.support import REPO
+from tests.support.config import write_config
+from tests.support.feedserver import rss
+from tests.support.hostileserver import HostileServer, respond, stall, trickle_body
 from tests.test_faults import assert_exited, items
 
 GRACE = 5

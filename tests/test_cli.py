@@ -1,8 +1,8 @@
 """The CLI's contract: `newsbeam tag` and clear one-line errors."""
 import json
 
-from tests.feedserver import fixture_articles
-from tests.test_end_to_end import newsbeam
+from tests.support.cli import newsbeam
+from tests.support.feedserver import fixture_articles
 
 
 def test_tag_adds_entities_and_topics_to_json_lines(tmp_path):
@@ -44,3 +44,10 @@ def test_run_without_feeds_or_with_a_bad_config_explains(tmp_path):
     config.write_text("poll_interval: ten\n")
     result = newsbeam("run", "--config", str(config))
     assert result.returncode == 2 and "poll_interval must be a positive number" in result.stderr
+
+
+def test_commands_do_not_print_beams_import_time_apitools_notice():
+    result = newsbeam("run", "--help")  # building this parser imports apache_beam
+    assert result.returncode == 0, result.stderr
+    assert "usage: newsbeam run" in result.stdout + result.stderr
+    assert "apitools not found" not in result.stderr

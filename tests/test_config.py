@@ -1,7 +1,7 @@
 import pytest
 
 from newsbeam.pipeline.config import ConfigError, load_feeds, load_settings
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 def test_shipped_config_loads_with_real_publisher_feeds():

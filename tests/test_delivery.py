@@ -33,12 +33,12 @@ from newsbeam.transforms.delivery import (
 from newsbeam.transforms.elastic import ElasticsearchUnavailable, connect
 from newsbeam.transforms.rules import Rule, parse_target
 from newsbeam.transforms.settings import ConfigError, ElasticsearchSettings
-from tests.conftest import REPO
-from tests.feedserver import fixture_articles, rss
-from tests.loopback import LoopbackServer, QuietHandler
-from tests.receivers import SmtpReceiver, WebhookReceiver
+from tests.support import REPO
+from tests.support.cli import newsbeam
+from tests.support.feedserver import fixture_articles, rss
+from tests.support.loopback import LoopbackServer, QuietHandler
+from tests.support.receivers import SmtpReceiver, WebhookReceiver
 from tests.test_alerts import alert_docs, cli_config, enriched, match_in_pipeline, save_rule
-from tests.test_end_to_end import newsbeam
 
 
 @pytest.fixture

@@ -1,10 +1,22 @@
 """The indices and the bulk writer, against the real Elasticsearch.
 Faults are injected by wrapping the real client, never by mocking it."""
+import json
+
 import pytest
 from elasticsearch import Elasticsearch
 
 from newsbeam.pipeline.config import ElasticsearchSettings
-from newsbeam.transforms.elastic import ARTICLE_MAPPINGS, BulkWriter, ElasticsearchUnavailable, connect, ensure_indices
+from newsbeam.transforms.deadletter import DEAD, dead_letter, failed, rejected
+from newsbeam.transforms.elastic import (
+    ARTICLE_MAPPINGS,
+    DEADLETTER_MAPPINGS,
+    BulkWriter,
+    ElasticsearchUnavailable,
+    connect,
+    ensure_indices,
+    index_registry,
+)
+from newsbeam.transforms.settings import AlertSettings
 
 
 def test_ensure_indices_is_idempotent_and_creates_the_contract(es, es_settings):
@@ -21,6 +33,39 @@ def test_ensure_indices_is_idempotent_and_creates_the_contract(es, es_settings):
         assert field in mapping["properties"], field
     assert mapping["properties"]["published_at"]["type"] == "date"
     assert es.indices.exists(index=es_settings.deadletter_index)
+
+
+def test_one_ensure_creates_every_registered_index_and_a_deleted_one_comes_back_with_its_mappings(es, es_settings):
+    prefix = es_settings.articles_alias.rsplit("-", 1)[0]
+    alerts = AlertSettings(rules_index=f"{prefix}-rules", alerts_index=f"{prefix}-alerts")
+    specs = index_registry(es_settings, alerts)
+    assert [spec.name for spec in specs] == [es_settings.articles_alias, es_settings.deadletter_index,
+                                             es_settings.feeds_index, alerts.rules_index, alerts.alerts_index]
+    ensure_indices(connect(es_settings), es_settings, alerts)
+    for spec in specs:
+        assert es.indices.exists(index=spec.name), spec.name
+        (mapping,) = es.indices.get_mapping(index=spec.name).values()
+        assert set(mapping["mappings"]["properties"]) == set(spec.mappings["properties"]), spec.name
+    # Deleted mid-run: the next write recreates it from the template, not with guessed mappings.
+    es.indices.delete(index=alerts.alerts_index)
+    assert BulkWriter(es, alerts.alerts_index, "alert_id").write([{"alert_id": "a1", "rule": "r"}]) == [("written", "")]
+    mapping = es.indices.get_mapping(index=alerts.alerts_index)[alerts.alerts_index]["mappings"]
+    assert mapping["properties"]["rule"]["type"] == "keyword" and "deliveries" in mapping["properties"]
+
+
+def test_every_stage_builds_its_dead_letters_in_one_shape():
+    article = {"article_id": "a1", "url": "https://news.example.org/a", "feed_url": "https://news.example.org/rss",
+               "title": "Ünïcode"}
+    by_exception = failed(article, "entities", ValueError("boom"))
+    by_refusal = rejected(article, "index", "mapper_parsing_exception")
+    assert by_exception.tag == by_refusal.tag == DEAD
+    for record, reason in ((by_exception.value, "ValueError"), (by_refusal.value, "rejected_by_elasticsearch")):
+        assert set(record) == set(DEADLETTER_MAPPINGS["properties"])
+        assert record["reason"] == reason
+        assert (record["article_id"], record["url"], record["feed_url"]) == ("a1", article["url"], article["feed_url"])
+        assert json.loads(record["payload"]) == article
+    assert set(dead_letter("fetch", "timeout", "read timed out", feed_url="https://x/rss")) == \
+        set(DEADLETTER_MAPPINGS["properties"]) - {"payload"}
 
 
 def test_text_fields_use_only_analyzers_of_the_minimal_server():

@@ -3,7 +3,6 @@ connections for 60 s while the pipeline streams. Counts are asserted exactly."""
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,10 +11,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from newsbeam.transforms import clock
-from tests.conftest import REPO
-from tests.faultproxy import FaultProxy
-from tests.feedserver import rss
-from tests.test_end_to_end import newsbeam, write_config
+from tests.support.cli import newsbeam, start_newsbeam
+from tests.support.config import write_config
+from tests.support.faultproxy import FaultProxy
+from tests.support.feedserver import rss
 
 
 def items(start: int, count: int) -> list[dict]:
@@ -24,6 +23,7 @@ def items(start: int, count: int) -> list[dict]:
             for i in range(start, start + count)]
 
 
+@pytest.mark.slow
 def test_elasticsearch_refusing_connections_for_60s_loses_and_doubles_nothing(tmp_path, es, es_settings,
                                                                               feed_server):
     target = urlsplit(es_settings.url)
@@ -175,9 +175,7 @@ def busy_run(tmp_path, es, es_settings, feed_server, **popen):
             served.extend(items(len(served), 15))
 
     threading.Thread(target=publish, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
-    process = subprocess.Popen([sys.executable, "-m", "newsbeam.pipeline.cli", "run", "--config", str(config), "--feed", feed],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, **popen)
+    process = start_newsbeam("run", "--config", str(config), "--feed", feed, stdout=subprocess.DEVNULL, **popen)
     deadline = time.time() + 300
     count = 0
     while time.time() < deadline and count < 20 and process.poll() is None:
@@ -197,6 +195,7 @@ def assert_exited(children: list[int]) -> None:
     assert not [pid for pid in children if running(pid)], "worker processes outlived the pipeline"
 
 
+@pytest.mark.slow
 def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_settings, feed_server):
     process, served, feed, config, children = busy_run(tmp_path, es, es_settings, feed_server,
                                                        stderr=subprocess.DEVNULL)
@@ -220,6 +219,7 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
     print(f"\nkill -9 at {at_kill}/150 indexed; after restart 150 indexed, 0 duplicates")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_stops_the_run_and_its_worker_processes(how, tmp_path, es, es_settings, feed_server):
     """A terminal's Ctrl-C reaches the whole process group, workers included; SIGTERM (`kill PID`,

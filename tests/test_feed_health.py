@@ -3,10 +3,8 @@ on loopback, health documents in the real Elasticsearch, `newsbeam feeds status`
 feed that comes back by itself, and validators that survive a restart."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import apache_beam as beam
+import pytest
 import yaml
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -16,9 +14,9 @@ from newsbeam.transforms.deadletter import DEAD
 from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth, connect, ensure_indices
 from newsbeam.transforms.feedstate import feed_id
 from newsbeam.transforms.poll import PollFeeds
-from tests.conftest import REPO
-from tests.feedserver import rss
-from tests.hostileserver import HostileServer, conditional, gzip_bomb, redirect, respond, stall
+from tests.support.cli import newsbeam
+from tests.support.feedserver import rss
+from tests.support.hostileserver import HostileServer, conditional, gzip_bomb, redirect, respond, stall
 from tests.test_ingest_guards import BILLION_LAUGHS
 
 FETCH = FetchSettings(allow_private_addresses=True, connect_timeout=1, read_timeout=1, total_timeout=2,
@@ -37,6 +35,7 @@ def run_polling(feeds, es_settings, seconds: float) -> None:
         polled[DEAD] | WriteDeadLetters(es_settings)
 
 
+@pytest.mark.slow
 def test_misbehaving_feeds_show_up_in_health_and_dead_letters_and_recover(es, es_settings, tmp_path):
     ensure_indices(connect(es_settings), es_settings)
     with HostileServer() as server:
@@ -103,8 +102,7 @@ def test_feeds_status_command(es, es_settings, tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"elasticsearch": {"url": es_settings.url,
                                                         "feeds_index": es_settings.feeds_index}}))
-    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "feeds", "status", "--config", str(config)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = newsbeam("feeds", "status", "--config", str(config), timeout=120, clean=False)
     assert result.returncode == 0, result.stderr
     assert "DEAD" in result.stdout and "https://a.example/rss" in result.stdout and "cannot resolve" in result.stdout
     assert "1 feed(s): 1 failing, 1 dead" in result.stderr
@@ -125,15 +123,13 @@ def test_opml_import_appends_new_feeds_and_keeps_the_file(tmp_path):
     assert [f.url for f in added] == ["https://qa.example/feed?x=1&y=2"]
     assert feeds_file.read_text().startswith("# my feeds\n")
     assert append_feeds(feeds_file, feeds) == []  # idempotent
-    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "feeds", "import", str(opml),
-                             "--feeds-file", str(tmp_path / "new.yaml")], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = newsbeam("feeds", "import", str(opml), "--feeds-file", str(tmp_path / "new.yaml"), timeout=120,
+                      clean=False)
     assert result.returncode == 0 and "2 added" in result.stderr
     assert len(yaml.safe_load((tmp_path / "new.yaml").read_text())["feeds"]) == 2
     laughs = tmp_path / "laughs.opml"
     laughs.write_bytes(BILLION_LAUGHS)
-    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "feeds", "import", str(laughs),
-                             "--feeds-file", str(feeds_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = newsbeam("feeds", "import", str(laughs), "--feeds-file", str(feeds_file), timeout=120, clean=False)
     assert result.returncode == 2 and "declares XML entities" in result.stderr
 
 

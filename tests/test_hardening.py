@@ -12,7 +12,7 @@ from newsbeam.transforms.feedstate import FeedState
 from newsbeam.transforms.fetch import FetchError, blocked_address, fetch, new_session
 from newsbeam.transforms.poll import apply_outcome, poll_one
 from newsbeam.transforms.settings import Feed, FetchSettings
-from tests.hostileserver import HostileServer, respond
+from tests.support.hostileserver import HostileServer, respond
 
 GUARDED = FetchSettings(connect_timeout=1, read_timeout=1, total_timeout=2, max_bytes=200_000,
                         max_decompressed_bytes=1_000_000, concurrency=4, allow_private_addresses=True)
@@ -114,7 +114,7 @@ def test_every_subcommand_refuses_a_flag_it_does_not_know(argv, flag, meant, cap
 
 def test_a_misspelt_notify_saves_no_rule(tmp_path, es, es_settings, capsys):
     from newsbeam.pipeline.cli import main
-    from tests.test_end_to_end import write_config
+    from tests.support.config import write_config
     config = write_config(tmp_path, es_settings, poll_interval=5)
     rules_index = f"{es_settings.articles_alias}-rules"
     settings = yaml.safe_load(config.read_text())
@@ -135,7 +135,8 @@ def test_a_misspelt_notify_saves_no_rule(tmp_path, es, es_settings, capsys):
 
 
 def test_run_refuses_what_neither_newsbeam_nor_beam_knows_and_logs_the_beam_options_it_passes(tmp_path, es_settings):
-    from tests.test_end_to_end import newsbeam, write_config
+    from tests.support.cli import newsbeam
+    from tests.support.config import write_config
     config = write_config(tmp_path, es_settings, poll_interval=5)  # no feeds: the run stops after its checks
     misspelt = newsbeam("run", "--config", str(config), "--durration", "5", timeout=120)
     assert misspelt.returncode == 2

@@ -16,8 +16,8 @@ from newsbeam.transforms.feedstate import FeedState
 from newsbeam.transforms.fetch import FetchError, blocked_address, fetch, inflate, new_session
 from newsbeam.transforms.parse import declares_entities, read_feed
 from newsbeam.transforms.poll import apply_outcome, poll_one
-from tests.feedserver import rss
-from tests.hostileserver import (
+from tests.support.feedserver import rss
+from tests.support.hostileserver import (
     HostileServer,
     conditional,
     gzip_bomb,

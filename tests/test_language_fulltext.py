@@ -7,7 +7,7 @@ from newsbeam.transforms.entities import tag_entities
 from newsbeam.transforms.fetch import new_session
 from newsbeam.transforms.fulltext import fetch_full_text
 from newsbeam.transforms.language import DetectLanguageFn, detect, load_identifier, model_languages
-from tests.hostileserver import HostileServer, redirect, respond
+from tests.support.hostileserver import HostileServer, redirect, respond
 
 GERMAN = ("Die Bundesregierung hat am Dienstag angekündigt, Beatmungsgeräte nach Italien zu schicken. "
           "Bundeskanzlerin Angela Merkel sagte in Berlin, Europa müsse in der Krise zusammenstehen.")

@@ -1,15 +1,14 @@
 """`newsbeam status` and `newsbeam es create-api-key` against the real Elasticsearch."""
 import json
-import os
-import subprocess
-import sys
 
+from newsbeam.pipeline import es_role
 from newsbeam.pipeline.config import ElasticsearchSettings, Settings
 from newsbeam.pipeline.ops_cli import pipeline_role
 from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
-from tests.conftest import REPO
-from tests.test_end_to_end import newsbeam, write_config
+from tests.support import REPO
+from tests.support.cli import newsbeam
+from tests.support.config import write_config
 
 
 def test_status_summarises_articles_feeds_and_dead_letters(tmp_path, es, es_settings):
@@ -50,12 +49,18 @@ def test_pipeline_role_covers_only_newsbeam_indices():
     assert "all" not in role["cluster"]
 
 
+def test_local_es_and_the_docs_carry_the_same_role_as_create_api_key():
+    role = pipeline_role(Settings())
+    assert json.loads(es_role.roles_file()) == {es_role.ROLE_NAME: role}  # what local_es writes to roles.yml
+    operations = (REPO / "docs" / "operations.md").read_text()
+    documented = operations.split("## The pipeline's role", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    assert json.loads(documented) == role
+
+
 def test_create_api_key_reports_a_refusing_server_in_one_line(secure_es_node):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
-    env.update(ELASTICSEARCH_USERNAME=secure_es_node.username, ELASTICSEARCH_PASSWORD=secure_es_node.password,
-               ELASTICSEARCH_CA_CERTS=secure_es_node.ca_certs)
-    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "es", "create-api-key", "--es-url",
-                             secure_es_node.url], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {"ELASTICSEARCH_USERNAME": secure_es_node.username, "ELASTICSEARCH_PASSWORD": secure_es_node.password,
+           "ELASTICSEARCH_CA_CERTS": secure_es_node.ca_certs}
+    result = newsbeam("es", "create-api-key", "--es-url", secure_es_node.url, env=env, timeout=120)
     # The bare server cannot create the .security index that API keys live in.
     assert result.returncode == 2
     assert "refused to create the API key" in result.stderr

@@ -14,8 +14,8 @@ from newsbeam.transforms.feedstate import FeedState, max_age, on_failure, on_suc
 from newsbeam.transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
 from newsbeam.transforms.parse import parse_document, refresh_hint
 from newsbeam.transforms.poll import Budget, PollShardFn, tick_wait
-from tests.feedserver import rss
-from tests.hostileserver import HostileServer, respond, stall
+from tests.support.feedserver import rss
+from tests.support.hostileserver import HostileServer, respond, stall
 
 SETTINGS = FetchSettings(allow_private_addresses=True, max_poll_interval=86_400, dead_after=3,
                          dead_retry_interval=21_600, connect_timeout=1, read_timeout=1, total_timeout=4,

@@ -8,9 +8,10 @@ import sys
 import time
 
 from newsbeam.transforms.feedstate import feed_id
-from tests.conftest import REPO
-from tests.feedserver import rss
-from tests.test_end_to_end import newsbeam, write_config
+from tests.support import REPO
+from tests.support.cli import newsbeam
+from tests.support.config import write_config
+from tests.support.feedserver import rss
 
 ITEMS = 150
 

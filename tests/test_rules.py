@@ -32,8 +32,8 @@ from newsbeam.transforms.rules import (
 )
 from newsbeam.transforms.tagging import Tagger
 from newsbeam.transforms.topics import Taxonomy
-from tests.conftest import REPO
-from tests.feedserver import FIXTURES, fixture_articles
+from tests.support import REPO
+from tests.support.feedserver import FIXTURES, fixture_articles
 
 
 def test_the_query_language_parses_with_precedence_and_fields():

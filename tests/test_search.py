@@ -17,9 +17,9 @@ from newsbeam.transforms.search import (
     results_json,
     search_articles,
 )
-from tests.conftest import REPO
-from tests.fixture_corpus import index_fixture_articles
-from tests.test_end_to_end import write_config
+from tests.support import REPO
+from tests.support.config import write_config
+from tests.support.fixture_corpus import index_fixture_articles
 
 NEWEST_FIRST = ["election", "floods", "chips", "ventilators", "late"]
 

@@ -1,16 +1,13 @@
 """Elasticsearch with security on (file-realm users made with the zip's elasticsearch-users):
 credentials come only from the environment and are never echoed."""
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 
 from newsbeam.pipeline import local_es
 from newsbeam.pipeline.config import ElasticsearchSettings
 from newsbeam.transforms.elastic import BulkWriter, ElasticsearchUnavailable, connect, ensure_indices
-from tests.conftest import REPO
+from tests.support.cli import newsbeam
 
 SECRET_NAMES = ("ELASTICSEARCH_API_KEY", "ELASTICSEARCH_USERNAME", "ELASTICSEARCH_PASSWORD")
 
@@ -19,8 +16,8 @@ SECRET_NAMES = ("ELASTICSEARCH_API_KEY", "ELASTICSEARCH_USERNAME", "ELASTICSEARC
 def secure_settings(secure_es_node, monkeypatch):
     for name in SECRET_NAMES:
         monkeypatch.delenv(name, raising=False)
-    return ElasticsearchSettings(url=secure_es_node.url, articles_alias="secure-articles",
-                                 deadletter_index="secure-deadletters", ca_certs=secure_es_node.ca_certs)
+    # The shipped index names: the role local_es installs covers exactly those (the node is this session's own).
+    return ElasticsearchSettings(url=secure_es_node.url, ca_certs=secure_es_node.ca_certs)
 
 
 def test_tls_is_verified_against_the_ca(secure_es_node, secure_settings, monkeypatch):
@@ -53,7 +50,7 @@ def test_least_privilege_user_sets_up_and_writes_but_cannot_touch_other_indices(
 
 
 def test_an_api_key_is_sent_from_the_environment(secure_settings, monkeypatch):
-    # The bare server cannot mint API keys (see README); an invalid key proves the header is
+    # The bare server cannot mint API keys (see docs/operations.md); an invalid key proves the header is
     # sent and that the refusal is reported clearly.
     monkeypatch.setenv("ELASTICSEARCH_API_KEY", "bm90LWEta2V5Om5vcGU=")
     with pytest.raises(ElasticsearchUnavailable, match="refused the credentials"):
@@ -61,11 +58,9 @@ def test_an_api_key_is_sent_from_the_environment(secure_settings, monkeypatch):
 
 
 def test_wrong_password_is_one_line_and_never_echoed(secure_es_node):
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_NAMES}
-    env.update(ELASTICSEARCH_USERNAME=secure_es_node.username, ELASTICSEARCH_PASSWORD="wrong-Secret-42")
-    env["ELASTICSEARCH_CA_CERTS"] = secure_es_node.ca_certs
-    result = subprocess.run([sys.executable, "-m", "newsbeam.pipeline.cli", "search", "x", "--es-url", secure_es_node.url],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {"ELASTICSEARCH_USERNAME": secure_es_node.username, "ELASTICSEARCH_PASSWORD": "wrong-Secret-42",
+           "ELASTICSEARCH_CA_CERTS": secure_es_node.ca_certs}
+    result = newsbeam("search", "x", "--es-url", secure_es_node.url, env=env, timeout=120)
     assert result.returncode == 2
     assert "refused the credentials (HTTP 401)" in result.stderr
     assert "wrong-Secret-42" not in result.stderr + result.stdout

@@ -4,7 +4,8 @@ import pytest
 from newsbeam.pipeline.config import ConfigError, NlpSettings, load_settings
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import (
-    canonical_entities,
+    entities_from_mentions,
+    entity_mentions,
     load_gazetteer,
     load_model,
     strip_mention,
@@ -12,13 +13,18 @@ from newsbeam.transforms.entities import (
     truecase_headlines,
 )
 from newsbeam.transforms.topics import Taxonomy, score_article, tag_topics
-from tests.conftest import REPO
-from tests.feedserver import fixture_articles
+from tests.support import REPO
+from tests.support.feedserver import fixture_articles
 
 
 @pytest.fixture(scope="module")
 def taxonomy():
     return Taxonomy.load(REPO / "configs" / "topics.yaml")
+
+
+def _entities(doc):
+    """What `tag_entities` makes of one Doc: one entity per canonical name."""
+    return entities_from_mentions(entity_mentions(doc))
 
 
 def tagged(nlp, taxonomy, key):
@@ -69,7 +75,7 @@ def test_strip_mention_removes_titles_possessives_and_articles():
 def test_canonical_entities_unify_country_variants_and_drop_non_names(nlp):
     doc = nlp("The U.S. and the United States of America are one country. The US said COVID-19 spread. "
               "Fox News host Sean Hannity spoke.")
-    entities = canonical_entities(doc)
+    entities = _entities(doc)
     names = {e["name"]: e["label"] for e in entities}
     assert names.get("United States") == "GPE"
     assert not {"U.S.", "US", "COVID-19"} & set(names)
@@ -131,7 +137,7 @@ def test_gazetteer_names_are_tagged_under_their_canonical_name(tmp_path):
                          "    aliases: [MSF, Doctors Without Borders]\n")
     nlp = load_model(gazetteer=gazetteer)
     assert nlp.pipe_names.index("gazetteer") < nlp.pipe_names.index("ner")
-    entities = canonical_entities(nlp("MSF flew tents to Haiti. Doctors Without Borders said more would follow."))
+    entities = _entities(nlp("MSF flew tents to Haiti. Doctors Without Borders said more would follow."))
     msf = next(e for e in entities if e["name"] == "Médecins Sans Frontières")
     assert (msf["label"], msf["count"]) == ("ORG", 2)
 

@@ -17,16 +17,16 @@ import pytest
 
 from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import ElasticsearchSettings, Settings
-from newsbeam.transforms.alerts import RuleBook, ensure_alert_indices, volume_alerts, volume_job
+from newsbeam.transforms.alerts import RuleBook, volume_alerts, volume_job
 from newsbeam.transforms.clock import iso
 from newsbeam.transforms.delivery import DeliveryLoop, Outbox, target_id
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from newsbeam.transforms.rules import Rule, RuleError, parse_target, spacy_lemmatizer
 from newsbeam.transforms.volume import CATCH_UP, Firing, compile_volume, due_at, replay
-from tests.feedserver import rss
-from tests.receivers import WebhookReceiver
+from tests.support.cli import newsbeam
+from tests.support.feedserver import rss
+from tests.support.receivers import WebhookReceiver
 from tests.test_alerts import cli_config
-from tests.test_end_to_end import newsbeam
 
 HOUR, DAY = 3600, 86400
 T0 = 1767225600  # 2026-01-01T00:00:00Z: the history's first hour
@@ -252,7 +252,7 @@ def live_alerts(es, archive) -> Settings:
     settings = Settings(elasticsearch=archive)
     settings = dataclasses.replace(settings, alerts=dataclasses.replace(
         settings.alerts, rules_index=f"{prefix}-rules", alerts_index=f"{prefix}-alerts", reload_interval=0.0))
-    ensure_alert_indices(es, settings.alerts)
+    ensure_indices(es, settings.elasticsearch, settings.alerts)
     for the_rule in LIVE_RULES:
         es.index(index=settings.alerts.rules_index, id=the_rule.name, document=the_rule.to_doc(), refresh=True)
     yield settings
@@ -397,7 +397,7 @@ def test_the_delivery_loop_runs_the_evaluation_and_sends_a_firing_with_real_time
     with WebhookReceiver() as hook:
         the_rule = rule("minute-spike", "ventilator", notify=[f"webhook:{hook.url('/loop')}"], spike={
             "ratio": "3x", "window": "1m", "baseline": "10m", "min": 5, "settle": "0"})
-        ensure_alert_indices(es, alerts)
+        ensure_indices(es, es_settings, alerts)
         es.index(index=alerts.rules_index, id=the_rule.name, document=the_rule.to_doc(), refresh=True)
         client = connect(es_settings)
         loop = DeliveryLoop(client, alerts, jobs=[volume_job(es_settings, alerts, "", lemmatize)]).start()

@@ -13,8 +13,8 @@ from newsbeam.pipeline.config import Feed, FetchSettings, NlpSettings
 from newsbeam.transforms.entities import TagEntitiesFn, nlp_text, tag_entities
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
 from newsbeam.transforms.parse import read_feed
-from tests.feedserver import rss
-from tests.hostileserver import HostileServer, gzipped, respond, stall, trickle_body
+from tests.support.feedserver import rss
+from tests.support.hostileserver import HostileServer, gzipped, respond, stall, trickle_body
 from tests.test_workers import _articles, _run
 
 FEED = rss([{"title": "Floods in the north", "link": "https://news.example.org/floods", "html": "<p>Water.</p>"}])

@@ -3,6 +3,7 @@ NER DoFn: same tags as in-process, and a worker that dies costs one dead letter,
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 from apache_beam.pvalue import TaggedOutput
@@ -14,24 +15,19 @@ from newsbeam.pipeline.config import ConfigError, NlpSettings, for_runner, load_
 from newsbeam.transforms import timing
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import TagEntitiesFn
-from newsbeam.transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
+from newsbeam.transforms.workers import WorkerPool, resolve_processes
 from tests import workerjobs
-from tests.feedserver import fixture_articles
+from tests.support.feedserver import fixture_articles
 
 
-def test_split_keeps_order_and_balances():
-    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert split([1], 4) == [[1]]
-    assert sum(split(list(range(100)), 8), []) == list(range(100))
-
-
-def test_a_pool_maps_in_order_and_survives_a_dead_worker():
+def test_a_pool_runs_in_order_and_survives_a_dead_worker():
     pool = WorkerPool(2, name="test")
     try:
-        assert pool.map(workerjobs.square, [[1, 2], [3], [4, 5]]) == [[1, 4], [9], [16, 25]]
-        with pytest.raises(WorkerCrash, match="a test process died"):
-            pool.map(workerjobs.die, [None])
-        assert pool.map(workerjobs.square, [[6]]) == [[36]]  # a new pool took over
+        futures = [pool.submit(workerjobs.square, chunk) for chunk in ([1, 2], [3], [4, 5])]
+        assert [future.result() for future in futures] == [[1, 4], [9], [16, 25]]
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(workerjobs.die, None).result()
+        assert pool.submit(workerjobs.square, [6]).result() == [36]  # a new pool took over
     finally:
         pool.shutdown()
 
@@ -69,6 +65,7 @@ def _run(fn: TagEntitiesFn, articles: list[dict]) -> list:
         fn.teardown()
 
 
+@pytest.mark.slow
 def test_pooled_ner_tags_exactly_like_in_process_ner():
     articles = _articles()
     in_process, _ = _run(TagEntitiesFn(NlpSettings(processes=0), shared.Shared()), articles)
@@ -82,6 +79,7 @@ class _PoisonedFn(TagEntitiesFn):
     worker = staticmethod(workerjobs.tag_or_die)
 
 
+@pytest.mark.slow
 def test_an_article_that_kills_its_worker_is_a_dead_letter_and_the_batch_is_still_tagged():
     articles = _articles()
     articles.insert(2, {**articles[0], "title": "poison", "article_id": "poison", "url": "poison"})

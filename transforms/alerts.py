@@ -35,17 +35,10 @@ from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 
 from newsbeam.transforms import timing
 from newsbeam.transforms.batching import BatchingDoFn
-from newsbeam.transforms.deadletter import DEAD, dead_letter
-from newsbeam.transforms.delivery import PeriodicJob, ensure_target_state_index, iso, new_deliveries, summarize
-from newsbeam.transforms.elastic import (
-    DATE,
-    INDEX_SETTINGS,
-    KEYWORD,
-    RETRY_STATUSES,
-    TEXT_WITH_KEYWORD,
-    BulkWriter,
-    connect,
-)
+from newsbeam.transforms.clock import iso
+from newsbeam.transforms.deadletter import DEAD, failed, rejected
+from newsbeam.transforms.delivery import PeriodicJob, new_deliveries, summarize
+from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from newsbeam.transforms.entities import load_model
 from newsbeam.transforms.rules import (
     ArticleView,
@@ -59,52 +52,9 @@ from newsbeam.transforms.rules import (
     term_forms,
 )
 from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, Settings
-from newsbeam.transforms.volume import VOLUME_ALERT_FIELDS, VolumeAlerts
+from newsbeam.transforms.volume import VolumeAlerts
 
 _LOG = logging.getLogger(__name__)
-
-RULE_MAPPINGS: dict[str, Any] = {
-    "dynamic": False,
-    "properties": {
-        "name": KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
-        "topics": KEYWORD, "sources": KEYWORD, "languages": KEYWORD, "notify": KEYWORD,
-        "digest_seconds": {"type": "integer"}, "enabled": {"type": "boolean"},
-        "created_at": DATE, "updated_at": DATE,
-    },
-}
-
-ALERT_MAPPINGS: dict[str, Any] = {
-    "dynamic": False,
-    "properties": {
-        "alert_id": KEYWORD, "rule": KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
-        "article_id": KEYWORD, "title": TEXT_WITH_KEYWORD, "url": KEYWORD, "source": KEYWORD,
-        "publisher": KEYWORD, "published_at": DATE, "fetched_at": DATE, "topics": KEYWORD,
-        "matched_terms": KEYWORD, "snippet": {"type": "text"}, "matched_at": DATE,
-        "pending_targets": KEYWORD, "next_attempt": DATE,
-        "deliveries": {"properties": {
-            "target_id": KEYWORD, "target_label": KEYWORD, "status": KEYWORD, "attempts": {"type": "integer"},
-            "digest_seconds": {"type": "integer"}, "next_attempt": DATE, "claimed_until": DATE,
-            "delivered_at": DATE, "last_error": {"type": "text", "index": False}}},
-        **VOLUME_ALERT_FIELDS,
-    },
-}
-
-
-def ensure_alert_indices(client: Elasticsearch, settings: AlertSettings) -> None:
-    """Creates the rules, alerts and target back-off indices when missing (idempotent, safe
-    to race)."""
-    for index, mappings in ((settings.rules_index, RULE_MAPPINGS), (settings.alerts_index, ALERT_MAPPINGS)):
-        if client.indices.exists(index=index):
-            # Fields added since the index was made (volume alerts); adding fields is always allowed.
-            client.indices.put_mapping(index=index, properties=mappings["properties"])
-            continue
-        try:
-            client.indices.create(index=index, mappings=mappings, settings=INDEX_SETTINGS)
-        except ApiError as err:
-            if err.error != "resource_already_exists_exception":
-                raise
-    ensure_target_state_index(client, settings)
-
 
 def read_rules(client: Elasticsearch, index: str, enabled_only: bool = True) -> list[Rule]:
     """The stored rules (a stored document that is no longer valid is skipped, logged)."""
@@ -159,7 +109,7 @@ def volume_alerts(es: ElasticsearchSettings, alerts: AlertSettings, model: str,
     """The volume rules' evaluator (transforms/volume.py), reading this module's rules index and
     writing to its alerts index."""
     return VolumeAlerts(es, alerts, model, read_rules=lambda client: read_rules(client, alerts.rules_index),
-                        ensure_indices=lambda client: ensure_alert_indices(client, alerts), lemmatize=lemmatize)
+                        ensure_indices=lambda client: ensure_indices(client, es, alerts), lemmatize=lemmatize)
 
 
 def volume_job(es: ElasticsearchSettings, alerts: AlertSettings, model: str,
@@ -263,9 +213,7 @@ class MatchRulesFn(beam.DoFn):
             alerts = [build_alert(c.rule, article, hits, now) for c in rules if (hits := c.match(view)) is not None]
             timing.record("alerts_match", 1, timing.now() - started)
         except Exception as err:  # a bad article (or rule) is a dead letter; the article is still indexed
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                "alerts", type(err).__name__, str(err), feed_url=article.get("feed_url", ""),
-                article_id=article.get("article_id", ""), url=article.get("url", "")))
+            yield failed(article, "alerts", err)
             alerts = []
         self._matched.inc(len(alerts))
         yield article, alerts
@@ -295,13 +243,10 @@ class CreateAlertsFn(BatchingDoFn):
 
     def setup(self) -> None:
         self._client = connect(self._es, check=False)
-        self._indices_ready = False
         self._writer = BulkWriter(self._client, self._alerts.alerts_index, "alert_id", "create")
 
     def handle_batch(self, pairs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> Iterator[list[Any]]:
         alerts = [alert for _, matched in pairs for alert in matched]
-        if alerts:
-            self._ensure_indices()
         outcomes = iter(self._writer.write(alerts) if alerts else [])
         for article, matched in pairs:
             outputs: list[Any] = []
@@ -314,26 +259,8 @@ class CreateAlertsFn(BatchingDoFn):
                     self._existing.inc()
                 else:
                     self._failed.inc()
-                    outputs.append(beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                        "alerts", "rejected_by_elasticsearch", detail, article_id=alert.get("article_id", ""),
-                        url=alert.get("url", ""), payload=json.dumps(alert, default=str))))
+                    outputs.append(rejected(alert, "alerts", detail))
             yield outputs + [article]
-
-    def _ensure_indices(self) -> None:
-        """Before the first write (never auto-create the index with guessed mappings); waits
-        out an unreachable Elasticsearch like the bulk writer does."""
-        attempt = 0
-        while not self._indices_ready:
-            try:
-                ensure_alert_indices(self._client, self._alerts)
-                self._indices_ready = True
-            except (ApiError, TransportError) as err:
-                if isinstance(err, ApiError) and err.meta.status not in RETRY_STATUSES:
-                    raise
-                delay = min(30.0, 0.5 * 2 ** attempt)
-                _LOG.warning("cannot create the alert indices yet (%s); retrying in %.0fs", type(err).__name__, delay)
-                time.sleep(delay)
-                attempt += 1
 
     def teardown(self) -> None:
         self._client.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from newsbeam.transforms import clock, timing
@@ -31,6 +32,26 @@ def dead_letter(stage: str, reason: str, error: str, *, feed_url: str = "", arti
     return record
 
 
+def dead_letter_for(record: dict[str, Any], stage: str, reason: str, error: str) -> dict[str, Any]:
+    """The dead letter of one record (an article, an alert, a document): its ids, and the
+    record itself as the payload, so it can be replayed."""
+    return dead_letter(stage, reason, error, feed_url=record.get("feed_url", "") or "",
+                       article_id=record.get("article_id", "") or "", url=record.get("url", "") or "",
+                       payload=json.dumps(record, default=str, ensure_ascii=False))
+
+
+def failed(record: dict[str, Any], stage: str, err: BaseException):
+    """The `dead` output for a record whose stage raised `err`: reason = the exception's class."""
+    import apache_beam as beam
+    return beam.pvalue.TaggedOutput(DEAD, dead_letter_for(record, stage, type(err).__name__, str(err)))
+
+
+def rejected(record: dict[str, Any], stage: str, detail: str):
+    """The `dead` output for a record Elasticsearch refused for good (e.g. a mapping error)."""
+    import apache_beam as beam
+    return beam.pvalue.TaggedOutput(DEAD, dead_letter_for(record, stage, "rejected_by_elasticsearch", detail))
+
+
 class SafeMapFn:
     """Wraps a per-element function so an exception turns that element into a dead letter
     instead of failing the bundle (and with it, the stream)."""
@@ -40,14 +61,11 @@ class SafeMapFn:
         self._stage = stage
 
     def __call__(self, element: dict[str, Any]):
-        import apache_beam as beam
         started = timing.now()
         try:
             result = self._fn(element)
         except Exception as err:  # one bad article must not stop the others
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                self._stage, type(err).__name__, str(err), feed_url=element.get("feed_url", ""),
-                article_id=element.get("article_id", ""), url=element.get("url", ""), payload=element))
+            yield failed(element, self._stage, err)
             return
         timing.record(self._stage, 1, timing.now() - started)
         yield result

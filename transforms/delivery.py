@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 from elasticsearch import ApiError, ConflictError, Elasticsearch, NotFoundError, TransportError
 
 from newsbeam.transforms.clock import epoch, iso
-from newsbeam.transforms.elastic import DATE, INDEX_SETTINGS, KEYWORD, connect
+from newsbeam.transforms.elastic import connect, target_state_index
 from newsbeam.transforms.redact import scrub
 from newsbeam.transforms.rules import RuleError, Target, parse_target
 from newsbeam.transforms.settings import AlertSettings, ConfigError, ElasticsearchSettings, SmtpSettings
@@ -103,29 +103,6 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     due = [max(epoch(d["next_attempt"]), epoch(d.get("claimed_until") or iso(0))) for d in pending]
     doc["next_attempt"] = iso(min(due)) if due else None
     return doc
-
-
-TARGET_STATE_MAPPINGS: dict[str, Any] = {
-    "dynamic": False,
-    "properties": {"target_id": KEYWORD, "target_label": KEYWORD, "failures": {"type": "integer"},
-                   "not_before": DATE, "last_error": {"type": "text", "index": False}, "updated_at": DATE},
-}
-
-
-def target_state_index(settings: AlertSettings) -> str:
-    return f"{settings.alerts_index}-targets"
-
-
-def ensure_target_state_index(client: Elasticsearch, settings: AlertSettings) -> None:
-    """Creates the per-target back-off index when missing (idempotent, safe to race)."""
-    index = target_state_index(settings)
-    if client.indices.exists(index=index):
-        return
-    try:
-        client.indices.create(index=index, mappings=TARGET_STATE_MAPPINGS, settings=INDEX_SETTINGS)
-    except ApiError as err:
-        if err.error != "resource_already_exists_exception":
-            raise
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -394,7 +371,6 @@ class TargetStates:
         self._client = client
         self._settings = settings
         self._index = target_state_index(settings)
-        self._ready = False
 
     def read(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         if not ids:
@@ -413,9 +389,6 @@ class TargetStates:
         new = {"target_id": tid, "target_label": label, "failures": failures,
                "not_before": iso(now + delay * random.uniform(0.8, 1.0)), "last_error": error[:500],
                "updated_at": iso(now)}
-        if not self._ready:
-            ensure_target_state_index(self._client, self._settings)
-            self._ready = True
         self._client.index(index=self._index, id=tid, document=new)
         return new
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
+import dataclasses
 import logging
 import os
 import random
@@ -23,9 +23,9 @@ from elasticsearch import ApiError, Elasticsearch, TransportError
 
 from newsbeam.transforms import clock, timing
 from newsbeam.transforms.batching import PooledBatchingDoFn
-from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.deadletter import DEAD, rejected
 from newsbeam.transforms.redact import redact_url
-from newsbeam.transforms.settings import ElasticsearchSettings
+from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings
 
 _LOG = logging.getLogger(__name__)
 
@@ -84,6 +84,48 @@ FEED_MAPPINGS: dict[str, Any] = {
 }
 
 
+RULE_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {
+        "name": KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
+        "topics": KEYWORD, "sources": KEYWORD, "languages": KEYWORD, "notify": KEYWORD,
+        "digest_seconds": {"type": "integer"}, "enabled": {"type": "boolean"},
+        "created_at": DATE, "updated_at": DATE,
+    },
+}
+
+ALERT_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {
+        "alert_id": KEYWORD, "rule": KEYWORD, "query": {"type": "keyword", "index": False, "doc_values": False},
+        "article_id": KEYWORD, "title": TEXT_WITH_KEYWORD, "url": KEYWORD, "source": KEYWORD,
+        "publisher": KEYWORD, "published_at": DATE, "fetched_at": DATE, "topics": KEYWORD,
+        "matched_terms": KEYWORD, "snippet": {"type": "text"}, "matched_at": DATE,
+        "pending_targets": KEYWORD, "next_attempt": DATE,
+        "deliveries": {"properties": {
+            "target_id": KEYWORD, "target_label": KEYWORD, "status": KEYWORD, "attempts": {"type": "integer"},
+            "digest_seconds": {"type": "integer"}, "next_attempt": DATE, "claimed_until": DATE,
+            "delivered_at": DATE, "last_error": {"type": "text", "index": False}}},
+        # A volume firing (transforms/volume.py): its window, counts and evidence.
+        "kind": KEYWORD, "volume_key": KEYWORD, "window_start": DATE, "window_end": DATE,
+        "count": {"type": "long"}, "distinct_sources": {"type": "long"}, "baseline": {"type": "double"},
+        "baseline_counts": {"type": "long"}, "threshold": {"type": "double"}, "article_ids": KEYWORD,
+        "articles": {"type": "object", "enabled": False},
+    },
+}
+
+# Each failing alert target's back-off (transforms/delivery.py, TargetStates).
+TARGET_STATE_MAPPINGS: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {"target_id": KEYWORD, "target_label": KEYWORD, "failures": {"type": "integer"},
+                   "not_before": DATE, "last_error": {"type": "text", "index": False}, "updated_at": DATE},
+}
+
+
+def target_state_index(settings: AlertSettings) -> str:
+    return f"{settings.alerts_index}-targets"
+
+
 class ElasticsearchUnavailable(RuntimeError):
     """Elasticsearch cannot be reached or refused our credentials; the message is one line."""
 
@@ -136,10 +178,54 @@ def connect(settings: ElasticsearchSettings, check: bool = True) -> Elasticsearc
     return client
 
 
-def _put_template(client: Elasticsearch, name: str, pattern: str, mappings: dict[str, Any]) -> None:
-    client.indices.put_index_template(name=name, index_patterns=[pattern], priority=200,
-                                      template={"settings": INDEX_SETTINGS, "mappings": mappings},
-                                      meta={"managed_by": "newsbeam"})
+@dataclasses.dataclass(frozen=True)
+class IndexSpec:
+    """One index newsbeam owns: its name, its mappings, and whether the name is an alias over
+    `NAME-000001` (articles, so they can roll over) or the index itself."""
+
+    name: str
+    mappings: dict[str, Any]
+    alias: bool = False
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.name}-*" if self.alias else self.name
+
+
+def index_registry(es: ElasticsearchSettings, alerts: AlertSettings | None = None) -> tuple[IndexSpec, ...]:
+    """Every index newsbeam writes, with its mappings: the one list `ensure_indices` creates,
+    the Kibana objects and the pipeline's role are checked against."""
+    specs = [IndexSpec(es.articles_alias, ARTICLE_MAPPINGS, alias=True),
+             IndexSpec(es.deadletter_index, DEADLETTER_MAPPINGS), IndexSpec(es.feeds_index, FEED_MAPPINGS)]
+    if alerts is not None:
+        specs += [IndexSpec(alerts.rules_index, RULE_MAPPINGS), IndexSpec(alerts.alerts_index, ALERT_MAPPINGS),
+                  IndexSpec(target_state_index(alerts), TARGET_STATE_MAPPINGS)]
+    return tuple(specs)
+
+
+def ensure_indices(client: Elasticsearch, es: ElasticsearchSettings, alerts: AlertSettings | None = None) -> None:
+    """Creates (idempotently, safe to race) a template and the index or alias for every index in
+    the registry; once at start-up. The templates also give an index recreated by a write (after
+    someone deleted it mid-run) newsbeam's mappings instead of guessed ones."""
+    for spec in index_registry(es, alerts):
+        client.indices.put_index_template(name=spec.name, index_patterns=[spec.pattern], priority=200,
+                                          template={"settings": INDEX_SETTINGS, "mappings": spec.mappings},
+                                          meta={"managed_by": "newsbeam"})
+    for spec in index_registry(es, alerts):
+        if spec.alias:
+            _bootstrap_alias(client, spec.name)
+        elif not client.indices.exists(index=spec.name):
+            _create(client, spec.name)
+        else:  # an index made by an earlier release gets the fields added since (adding is always allowed)
+            client.indices.put_mapping(index=spec.name, properties=spec.mappings["properties"])
+
+
+def _create(client: Elasticsearch, index: str, **body: Any) -> None:
+    try:
+        client.indices.create(index=index, **body)
+    except ApiError as err:
+        if err.error != "resource_already_exists_exception":
+            raise
 
 
 def _bootstrap_alias(client: Elasticsearch, alias: str) -> None:
@@ -149,26 +235,7 @@ def _bootstrap_alias(client: Elasticsearch, alias: str) -> None:
         raise ElasticsearchUnavailable(
             f"an index named {alias!r} exists; newsbeam needs that name for an alias. "
             f"Reindex or delete it, or set elasticsearch.articles_alias")
-    try:
-        client.indices.create(index=f"{alias}-000001", aliases={alias: {"is_write_index": True}})
-    except ApiError as err:
-        if err.error != "resource_already_exists_exception":
-            raise
-
-
-def ensure_indices(client: Elasticsearch, settings: ElasticsearchSettings) -> None:
-    """Creates (idempotently) the index templates, the articles alias, the dead-letter and feed-health indices."""
-    _put_template(client, settings.articles_alias, f"{settings.articles_alias}-*", ARTICLE_MAPPINGS)
-    _put_template(client, settings.deadletter_index, settings.deadletter_index, DEADLETTER_MAPPINGS)
-    _put_template(client, settings.feeds_index, settings.feeds_index, FEED_MAPPINGS)
-    _bootstrap_alias(client, settings.articles_alias)
-    for index in (settings.deadletter_index, settings.feeds_index):
-        if not client.indices.exists(index=index):
-            try:
-                client.indices.create(index=index)
-            except ApiError as err:
-                if err.error != "resource_already_exists_exception":
-                    raise
+    _create(client, f"{alias}-000001", aliases={alias: {"is_write_index": True}})
 
 
 class BulkWriter:
@@ -227,10 +294,6 @@ class BulkWriter:
         return outcomes  # type: ignore[return-value]
 
 
-def _unchecked_client(settings: ElasticsearchSettings) -> Elasticsearch:
-    return connect(settings, check=False)
-
-
 class WriteFn(PooledBatchingDoFn):
     """Buffers documents, flushes them with BulkWriter at a count or byte limit and at the
     end of each bundle; permanent failures go to the `dead` output.
@@ -259,7 +322,8 @@ class WriteFn(PooledBatchingDoFn):
         self._retried = Metrics.counter("newsbeam", f"{stage}_retried")
 
     def setup(self) -> None:
-        self._client = (self._client_factory or _unchecked_client)(self._settings)
+        self._client = (self._client_factory(self._settings) if self._client_factory
+                        else connect(self._settings, check=False))
         # Beam counts metrics only on the bundle's thread: the sender notes retries here.
         self._retries: collections.deque[int] = collections.deque()
         self._writer = BulkWriter(self._client, self._index, self._id_field, self._op,
@@ -292,10 +356,7 @@ class WriteFn(PooledBatchingDoFn):
             else:
                 self._failed.inc()
                 _LOG.warning("%s: %s rejected: %s", self._stage, doc.get(self._id_field), detail)
-                yield [beam.pvalue.TaggedOutput(DEAD, dead_letter(
-                    self._stage, "rejected_by_elasticsearch", detail, feed_url=doc.get("feed_url", ""),
-                    article_id=doc.get("article_id", ""), url=doc.get("url", ""),
-                    payload=json.dumps(doc, default=str)))]
+                yield [rejected(doc, self._stage, detail)]
 
     def teardown(self) -> None:
         self._sender.shutdown(wait=True)

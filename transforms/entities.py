@@ -31,7 +31,7 @@ from apache_beam.utils import shared
 
 from newsbeam.transforms import timing
 from newsbeam.transforms.batching import PooledBatchingDoFn
-from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.deadletter import DEAD, dead_letter_for, failed
 from newsbeam.transforms.settings import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
 from newsbeam.transforms.workers import WorkerPool
 
@@ -333,11 +333,6 @@ def entities_from_mentions(mentions: Iterable[Mention]) -> list[dict[str, Any]]:
     return list(entities.values())
 
 
-def canonical_entities(doc) -> list[dict[str, Any]]:
-    """Entities of one Doc as `{name, label, text, count}`, one per canonical name."""
-    return entities_from_mentions(entity_mentions(doc))
-
-
 def facet_fields(entities: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     """Flat keyword lists per label family (`persons`, `organizations`, `locations`)."""
     facets: dict[str, list[str]] = {"persons": [], "organizations": [], "locations": []}
@@ -493,8 +488,8 @@ class TagEntitiesFn(PooledBatchingDoFn):
                 lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="newsbeam-spacy")
             # spaCy takes the GIL back after each stretch of work that released it; while the
-            # pipeline thread holds it, the wait lasts up to the interpreter's switch interval.
-            # At the default 5 ms spaCy's thread waited 3.3-3.8% of its time, at 0.5 ms 1.4-2.0%.
+            # pipeline thread holds it, the wait lasts up to the interpreter's switch interval,
+            # so a shorter interval while this thread exists (measured: docs/benchmarks.md).
             _switch_interval.lower()
             self._lowered = True
 
@@ -548,15 +543,13 @@ class TagEntitiesFn(PooledBatchingDoFn):
             return [self._dead(article, "nlp.article_timeout", f"NER took longer than nlp.article_timeout "
                                                               f"({self._settings.article_timeout:g}s); worker replaced")]
         except Exception as err:  # BrokenProcessPool: the worker died on this article
-            return [self._dead(article, type(err).__name__, str(err))]
+            return [failed(article, "entities", err)]
         self._record(1, timings)
         return tagged
 
     @staticmethod
     def _dead(article: dict[str, Any], reason: str, error: str) -> beam.pvalue.TaggedOutput:
-        return beam.pvalue.TaggedOutput(DEAD, dead_letter(
-            "entities", reason, error, feed_url=article.get("feed_url", ""),
-            article_id=article.get("article_id", ""), url=article.get("url", ""), payload=article))
+        return beam.pvalue.TaggedOutput(DEAD, dead_letter_for(article, "entities", reason, error))
 
     def teardown(self) -> None:
         if self._pool is not None:

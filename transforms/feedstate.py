@@ -13,7 +13,6 @@ before a crash is lost.
 """
 from __future__ import annotations
 
-import calendar
 import dataclasses
 import hashlib
 import logging
@@ -22,6 +21,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from newsbeam.transforms import clock
 from newsbeam.transforms.redact import redact_url, redact_urls_in
 from newsbeam.transforms.settings import Feed, FetchSettings
 
@@ -84,14 +84,14 @@ class FeedState:
 
 
 def _iso(seconds: float | None) -> str | None:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds is not None else None
+    return clock.iso(seconds) if seconds is not None else None
 
 
-def _epoch(iso: Any) -> float | None:
-    if not isinstance(iso, str) or not iso:
+def _epoch(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
         return None
     try:
-        return float(calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S")))
+        return clock.epoch(value)
     except ValueError:
         return None
 

@@ -51,6 +51,15 @@ def wants_nlp(language: str | None, languages: frozenset[str] | None) -> bool:
     return languages is None or not language or language in languages
 
 
+def route_language(identifier: Any, languages: frozenset[str] | None, article: dict[str, Any]) -> dict[str, Any]:
+    """The article with its `language` (the feed's, else detected) and `nlp_skipped`."""
+    language = article.get("language")
+    if not language:
+        with timing.stage("language"):
+            language = detect(identifier, language_sample(article))
+    return {**article, "language": language, "nlp_skipped": not wants_nlp(language, languages)}
+
+
 class DetectLanguageFn(beam.DoFn):
     def __init__(self, languages: frozenset[str] | None):
         self._languages = languages
@@ -61,16 +70,12 @@ class DetectLanguageFn(beam.DoFn):
         self._identifier = load_identifier()
 
     def process(self, article: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        language = article.get("language")
-        if not language:
-            with timing.stage("language"):
-                language = detect(self._identifier, language_sample(article))
-            if language:
-                self._detected.inc()
-        skipped = not wants_nlp(language, self._languages)
-        if skipped:
+        routed = route_language(self._identifier, self._languages, article)
+        if routed["language"] and not article.get("language"):
+            self._detected.inc()
+        if routed["nlp_skipped"]:
             self._skipped.inc()
-        yield {**article, "language": language, "nlp_skipped": skipped}
+        yield routed
 
 
 class DetectLanguage(beam.PTransform):

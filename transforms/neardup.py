@@ -29,6 +29,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from newsbeam.transforms import clock
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings
 
@@ -184,7 +185,7 @@ def link_stories(articles: list[dict[str, Any]], index: StoryIndex, threshold: f
 
 def stored_candidates(client: Any, alias: str, keys: list[str], days: float, limit: int) -> list[Candidate]:
     """Recent indexed articles sharing a band with `keys`."""
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - days * 86_400))
+    since = clock.iso(time.time() - days * 86_400)
     response = client.search(
         index=alias, size=limit, ignore_unavailable=True, allow_no_indices=True,
         source=["story_id", "story_minhash", "title"],

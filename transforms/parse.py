@@ -1,4 +1,4 @@
-"""ParseEntries: feed bytes -> article dicts, with stable ids from canonical URLs.
+"""Feed bytes -> article dicts, with stable ids from canonical URLs (run by PollFeeds).
 
 Documents that declare entities (`<!DOCTYPE x [<!ENTITY ...>]>`) are refused before
 feedparser sees them: its loose parser expands what the strict one refused, which is how
@@ -14,16 +14,13 @@ import io
 import logging
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
-import apache_beam as beam
 import feedparser
-from apache_beam.metrics import Metrics
 
 from newsbeam.transforms import clock
-from newsbeam.transforms.deadletter import DEAD, dead_letter
+from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.fetch import FetchResult
 from newsbeam.transforms.redact import redact_url
 
@@ -77,7 +74,7 @@ def _iso(struct: time.struct_time | None) -> str | None:
         return None
     if not _EARLIEST_DATE <= seconds <= time.time() + _FUTURE_SLACK:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return clock.iso(seconds, millis=False)
 
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
@@ -248,13 +245,6 @@ def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_00
     return ParsedFeed(articles, refresh_hint=hint)
 
 
-def parse_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_000
-               ) -> tuple[list[dict[str, Any]], str | None]:
-    """(articles, problem): `problem` describes a feed that yielded nothing usable."""
-    parsed = read_feed(result, max_items, max_entry_chars)
-    return parsed.articles, parsed.problem
-
-
 def safe_read_feed(result: FetchResult, max_items: int, max_entry_chars: int,
                    max_parse_bytes: int = 8 * 1024 * 1024, max_sanitized_tags: int = 20_000) -> ParsedFeed:
     try:
@@ -275,31 +265,3 @@ def timed_read_feed(result: FetchResult, max_items: int, max_entry_chars: int,
 def parse_dead_letter(result: FetchResult, parsed: ParsedFeed) -> dict[str, Any]:
     return dead_letter("parse", parsed.reason, parsed.problem or "", feed_url=redact_url(result.feed.url),
                        payload=result.body[:2000].decode("utf-8", "replace"))
-
-
-class ParseFn(beam.DoFn):
-    def __init__(self, max_items: int, max_entry_chars: int):
-        self._max_items = max_items
-        self._max_entry_chars = max_entry_chars
-        self._parsed = Metrics.counter("newsbeam", "articles_parsed")
-
-    def process(self, result: FetchResult) -> Iterator:
-        parsed = safe_read_feed(result, self._max_items, self._max_entry_chars)
-        if parsed.problem:
-            yield beam.pvalue.TaggedOutput(DEAD, parse_dead_letter(result, parsed))
-            return
-        self._parsed.inc(len(parsed.articles))
-        yield from parsed.articles
-
-
-class ParseEntries(beam.PTransform):
-    """FetchResult -> article dicts; unparseable feeds go to the `dead` output."""
-
-    def __init__(self, max_items: int = 500, max_entry_chars: int = 200_000):
-        super().__init__()
-        self._max_items = max_items
-        self._max_entry_chars = max_entry_chars
-
-    def expand(self, fetched):
-        return fetched | "Parse" >> beam.ParDo(ParseFn(self._max_items, self._max_entry_chars)).with_outputs(
-            DEAD, main="articles")

@@ -377,8 +377,8 @@ class Ticks(ImpulseSeqGenDoFn):
 
     An SDF that defers its remainder asks to be resumed at the next fire time; Beam 2.77's
     FnApiRunner resumes it at once instead and cycles through empty bundles: an idle local
-    pipeline spun one core at 100% (with a 50 ms rest still ~20% of a core, mostly the runner
-    merging each empty bundle's metrics). Nothing else runs on that runner meanwhile, so the
+    pipeline kept a core busy (a short rest per call did not cure it: the runner still merged
+    each empty bundle's metrics). Nothing else runs on that runner meanwhile, so the
     generator sleeps until the tick is due. On runners that honour the resume time it is called
     when the tick is due and does not sleep."""
 

@@ -1,6 +1,6 @@
 """Alert rules: the rule model, the query language, and its two back-ends.
 
-The query language (documented for users in the README, "Alerts"):
+The query language (documented for users in docs/alerts.md):
 
     ventilator AND entity:Russia
     "medical equipment" OR ventilator NOT topic:sport

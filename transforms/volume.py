@@ -32,7 +32,7 @@ from elasticsearch import Elasticsearch, NotFoundError
 from newsbeam.transforms.clock import epoch, iso
 from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.delivery import new_deliveries, summarize
-from newsbeam.transforms.elastic import DATE, KEYWORD, BulkWriter, connect
+from newsbeam.transforms.elastic import BulkWriter, connect
 from newsbeam.transforms.entities import load_model
 from newsbeam.transforms.rules import (
     NEW_VALUE_FIELDS,
@@ -52,15 +52,6 @@ EVIDENCE_FIELDS = ["article_id", "title", "url", "source", "publisher", "feed_ur
                    "story_id"]
 _CANDIDATES = 100  # new names / stories looked at per window
 _GAP_SAMPLE = 10_000  # timestamps read to learn a silence rule's usual gap
-
-# Fields of a volume firing in the alerts index (transforms/alerts.py adds them to its mapping).
-VOLUME_ALERT_FIELDS: dict[str, Any] = {
-    "kind": KEYWORD, "volume_key": KEYWORD, "window_start": DATE, "window_end": DATE,
-    "count": {"type": "long"}, "distinct_sources": {"type": "long"}, "baseline": {"type": "double"},
-    "baseline_counts": {"type": "long"}, "threshold": {"type": "double"}, "article_ids": KEYWORD,
-    "articles": {"type": "object", "enabled": False},
-}
-
 
 # --- the rule and its firings --------------------------------------------------------------
 

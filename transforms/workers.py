@@ -7,10 +7,10 @@ forking it is unsafe), each set up once by `initializer` (e.g. loading the spaCy
 On a distributed runner every worker already is such a process: keep `processes` at 1 and
 the work runs in-process, without a pool.
 
-A child that dies (a segfault in a C extension, the OOM killer) breaks the pool; `run`
-replaces the pool and raises `WorkerCrash`, so the caller can retry or dead-letter the input
-that killed it instead of losing the rest. A child past its deadline is killed the same way
-(`replace`).
+A child that dies (a segfault in a C extension, the OOM killer) breaks the pool: the caller's
+future fails with `BrokenProcessPool`, so the caller can retry or dead-letter the input that
+killed it instead of losing the rest, and the next `submit` replaces the pool. A child past its
+deadline is killed the same way (`replace`).
 """
 from __future__ import annotations
 
@@ -21,15 +21,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 _LOG = logging.getLogger(__name__)
-
-
-class WorkerCrash(RuntimeError):
-    """A worker process died while handling the input."""
 
 
 def resolve_processes(processes: int) -> int:
@@ -70,18 +66,6 @@ class WorkerPool:
         except BrokenProcessPool:
             self._restart(executor)
             return self._executor.submit(fn, *args)
-
-    def map(self, fn: Callable[[Any], Any], chunks: Sequence[Any]) -> list[Any]:
-        """fn(chunk) for every chunk, in parallel, results in order. Raises `WorkerCrash` when
-        a worker died (the pool is replaced first) and fn's own exception otherwise."""
-        with self._lock:
-            executor = self._executor
-        futures = [executor.submit(fn, chunk) for chunk in chunks]
-        try:
-            return [future.result() for future in futures]
-        except BrokenProcessPool as err:
-            self._restart(executor)
-            raise WorkerCrash(f"a {self._name} process died: {err}") from None
 
     def replace(self, stuck: concurrent.futures.Future) -> None:
         """Kills the workers of the pool that runs `stuck` (past its deadline: a process cannot
@@ -139,19 +123,7 @@ def _start_child(parent: int, initializer: Callable[..., None] | None, initargs:
 
 def _exit_with_parent(parent: int) -> None:
     """A worker ends when its parent does: after a `kill -9` of the pipeline nothing closes the
-    pool, and an idle worker (a spaCy model, ~300 MB) would otherwise wait for work forever."""
+    pool, and an idle worker (holding a spaCy model) would otherwise wait for work forever."""
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(0)
-
-
-def split(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
-    """`items` in at most `parts` contiguous chunks of near-equal size, none empty."""
-    parts = max(1, min(parts, len(items)))
-    size, extra = divmod(len(items), parts)
-    chunks, start = [], 0
-    for number in range(parts):
-        end = start + size + (1 if number < extra else 0)
-        chunks.append(items[start:end])
-        start = end
-    return chunks

@@ -28,7 +28,7 @@ from newsbeam.transforms.clean import clean_article, html_to_text
 from newsbeam.transforms.clock import iso
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
 from newsbeam.transforms.parse import declares_entities, parse_document, read_feed
-from tests.conftest import REPO
+from tests.support import REPO
 
 CORPUS = REPO.parent / "shared" / "corpus" / "feedparser-tests" / "tests"
 if not CORPUS.is_dir():

@@ -7,8 +7,9 @@ import html
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_end_to_end import newsbeam, write_config
+from tests.support import REPO
+from tests.support.cli import newsbeam
+from tests.support.config import write_config
 
 SHARED = REPO.parent / "shared"
 if not (SHARED / "corpus").is_dir():

@@ -1,13 +1,13 @@
 """EXTERNAL SUITE: tagging quality pinned on the labelled development sets in ../shared, measured
 by pipeline/evaluate.py (what `newsbeam eval topics|entities` runs) through the pipeline's Tagger.
-Floors sit slightly below the figures measured when they were set (README, "Tagging quality"), so
+Floors sit slightly below the figures measured when they were set (docs/quality.md, "Tagging quality"), so
 a change that degrades tagging fails CI. Without ../shared the module is skipped with one loud
 reason."""
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 SHARED = REPO.parent / "shared"
 CORPUS = SHARED / "corpus"

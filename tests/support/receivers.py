@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from tests.loopback import LoopbackServer, QuietHandler
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 
 class WebhookReceiver(LoopbackServer):

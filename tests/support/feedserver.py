@@ -10,9 +10,9 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-from tests.loopback import LoopbackServer, QuietHandler
+from tests.support.loopback import LoopbackServer, QuietHandler
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def fixture_articles() -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 
-from tests.loopback import LoopbackServer, QuietHandler
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 Behaviour = Callable[[BaseHTTPRequestHandler], None]
 

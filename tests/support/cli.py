@@ -1,0 +1,33 @@
+"""The `newsbeam` command as a user runs it: a subprocess of this interpreter, from the
+repository root, without the caller's Elasticsearch credentials unless `env` gives them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from tests.support import REPO
+
+COMMAND = (sys.executable, "-m", "newsbeam.pipeline.cli")
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment without ELASTICSEARCH_* (a test's credentials are explicit), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
+    env.update(extra or {})
+    return env
+
+
+def newsbeam(*args: str, timeout: float = 300, env: Mapping[str, str] | None = None,
+             clean: bool = True) -> subprocess.CompletedProcess:
+    """Runs `newsbeam ARGS` to the end; `clean=False` keeps the caller's whole environment."""
+    environment = clean_env(env) if clean else {**os.environ, **(env or {})}
+    return subprocess.run([*COMMAND, *args], cwd=REPO, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_newsbeam(*args: str, env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """Starts `newsbeam ARGS` in the background (a `run` the test stops or waits for)."""
+    return subprocess.Popen([*COMMAND, *args], cwd=REPO, env=clean_env(env), **popen)
