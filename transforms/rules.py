@@ -637,9 +637,9 @@ class Rule:
             raise RuleError(f"rule {self.name}: needs at least one target (--notify)")
         # Stored in canonical form, each target once: the outbox keys deliveries by it.
         object.__setattr__(self, "notify", tuple(dict.fromkeys(str(parse_target(t)) for t in self.notify)))
-        self.tree()  # raises RuleSyntaxError for a malformed query
+        tree = self.tree()  # raises RuleSyntaxError for a malformed query
         filters = len(self.topics) + len(self.sources) + len(self.languages)
-        if filters and count_terms(parse_query(self.query)) + filters > MAX_TERMS:
+        if filters and count_terms(tree) > MAX_TERMS:
             raise RuleError(f"rule {self.name}: more than {MAX_TERMS} terms with its topic, source and "
                             "language filters")
 
