@@ -40,6 +40,9 @@ def es_node():
         return
     directory = Path(tempfile.mkdtemp(prefix="newsbeam-test-es-"))
     instance = local_es.start(directory, port=local_es.free_port())
+    # Every test makes its own indices (a prefix each), and none may be deleted by wildcard: more
+    # than a node's default of 1,000 shards over the whole suite.
+    instance.request("PUT", "/_cluster/settings", {"persistent": {"cluster.max_shards_per_node": 100_000}})
     try:
         yield instance, instance.url
     finally:

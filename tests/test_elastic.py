@@ -40,7 +40,8 @@ def test_one_ensure_creates_every_registered_index_and_a_deleted_one_comes_back_
     alerts = AlertSettings(rules_index=f"{prefix}-rules", alerts_index=f"{prefix}-alerts")
     specs = index_registry(es_settings, alerts)
     assert [spec.name for spec in specs] == [es_settings.articles_alias, es_settings.deadletter_index,
-                                             es_settings.feeds_index, alerts.rules_index, alerts.alerts_index]
+                                             es_settings.feeds_index, alerts.rules_index, alerts.alerts_index,
+                                             f"{alerts.alerts_index}-targets"]
     ensure_indices(connect(es_settings), es_settings, alerts)
     for spec in specs:
         assert es.indices.exists(index=spec.name), spec.name

@@ -116,7 +116,7 @@ def test_a_misspelt_notify_saves_no_rule(tmp_path, es, es_settings, capsys):
     from newsbeam.pipeline.cli import main
     from tests.support.config import write_config
     config = write_config(tmp_path, es_settings, poll_interval=5)
-    rules_index = f"{es_settings.articles_alias}-rules"
+    rules_index = f"{es_settings.articles_alias.rsplit('-', 1)[0]}-rules"  # outside the articles pattern
     settings = yaml.safe_load(config.read_text())
     settings.setdefault("alerts", {})["rules_index"] = rules_index
     config.write_text(yaml.safe_dump(settings))

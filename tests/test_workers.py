@@ -43,7 +43,7 @@ def test_worker_counts_auto_resolve_by_runner_and_bad_values_are_refused(tmp_pat
     config.write_text("nlp:\n  processes: 3\n")
     assert for_runner(load_settings(config), local=True).nlp.processes == 3
     config.write_text("nlp:\n  processes: -1\n")
-    with pytest.raises(ConfigError, match="nlp.processes must be 'auto' or a number >= 0"):
+    with pytest.raises(ConfigError, match="nlp.processes must be 'auto' or a whole number >= 0"):
         load_settings(config)
 
 
