@@ -14,6 +14,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from newsbeam.pipeline.config import Settings
+from newsbeam.pipeline.runner import RunnerProfile
 from newsbeam.transforms.alerts import STORE_DEAD, MatchAlerts
 from newsbeam.transforms.clean import CleanText
 from newsbeam.transforms.deadletter import DEAD
@@ -34,17 +35,18 @@ def enrich(articles, settings: Settings, taxonomy: Taxonomy):
         unique = unique | "FetchFullText" >> FetchFullText(settings.feeds, settings.fetch)
     cleaned = unique | "CleanText" >> CleanText()
     linked = cleaned.cleaned | "LinkStories" >> LinkStories(settings.elasticsearch, settings.dedupe)
-    # One stream through NER (marked, not split): on the FnApiRunner a Flatten waits for the end.
+    # One stream through NER (marked, not split): joining split streams would need a Flatten.
     languages = linked | "DetectLanguage" >> DetectLanguage(model_languages(settings.nlp.model))
     entities = languages | "TagEntities" >> TagEntities(settings.nlp)
     topics = entities.tagged | "TagTopics" >> TagTopics(taxonomy)
     return topics.tagged, (cleaned[DEAD], entities[DEAD], topics[DEAD])
 
 
-def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxonomy,
+def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxonomy, profile: RunnerProfile,
                    duration: float | None = None, fetch_shards: int = 8) -> beam.Pipeline:
     polled = pipeline | "PollFeeds" >> PollFeeds(settings.feeds, settings.poll_interval, settings.fetch,
-                                                 settings.elasticsearch, duration, fetch_shards)
+                                                 settings.elasticsearch, duration, fetch_shards,
+                                                 profile.tick_budget, profile.wait_for_tick)
     health = polled.health | "WriteFeedHealth" >> WriteFeedHealth(settings.elasticsearch)
     enriched, enrich_dead = enrich(polled.articles, settings, taxonomy)
     # Alerts are stored before their article is indexed, so a restart (which skips indexed
@@ -52,5 +54,7 @@ def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxono
     alerts = enriched | "MatchAlerts" >> MatchAlerts(settings)
     indexed = alerts["articles"] | "IndexArticles" >> IndexArticles(settings.elasticsearch)
     dead = (polled[DEAD], *enrich_dead, alerts[DEAD], alerts[STORE_DEAD], indexed[DEAD], health[DEAD])
+    if not profile.fan_out_dead_letters:
+        dead = dead | "FlattenDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(settings.elasticsearch)
     return pipeline

@@ -10,11 +10,11 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from apache_beam.utils.timestamp import Timestamp
 
-from newsbeam.pipeline.config import ConfigError, NlpSettings, for_runner, load_settings
+from newsbeam.pipeline.config import NlpSettings
 from newsbeam.transforms import timing
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import TagEntitiesFn
-from newsbeam.transforms.workers import WorkerCrash, WorkerPool, resolve_processes, split
+from newsbeam.transforms.workers import WorkerCrash, WorkerPool, split
 from tests import workerjobs
 from tests.feedserver import fixture_articles
 
@@ -34,21 +34,6 @@ def test_a_pool_maps_in_order_and_survives_a_dead_worker():
         assert pool.map(workerjobs.square, [[6]]) == [[36]]  # a new pool took over
     finally:
         pool.shutdown()
-
-
-def test_worker_counts_auto_resolve_by_runner_and_bad_values_are_refused(tmp_path):
-    settings = load_settings(None)
-    assert (settings.nlp.processes, settings.fetch.parse_processes) == ("auto", "auto")
-    local = for_runner(settings, local=True)
-    assert local.nlp.processes == resolve_processes(0) >= 1 and local.fetch.parse_processes == 1
-    cluster = for_runner(settings, local=False)
-    assert (cluster.nlp.processes, cluster.fetch.parse_processes) == (0, 0)
-    config = tmp_path / "pipeline.yaml"
-    config.write_text("nlp:\n  processes: 3\n")
-    assert for_runner(load_settings(config), local=True).nlp.processes == 3
-    config.write_text("nlp:\n  processes: -1\n")
-    with pytest.raises(ConfigError, match="nlp.processes must be 'auto' or a number >= 0"):
-        load_settings(config)
 
 
 def _articles() -> list[dict]:

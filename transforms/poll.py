@@ -134,9 +134,11 @@ class PollShardFn(beam.DoFn):
     BACKLOG = ReadModifyWriteStateSpec("backlog", PickleCoder())
 
     def __init__(self, settings: FetchSettings, es_settings: ElasticsearchSettings, default_interval: float,
-                 settle: float, slack: float, tick: float, shards: int, stop: float | None = None):
+                 settle: float, slack: float, tick: float, shards: int, stop: float | None = None,
+                 budget: bool = True):
         self._settings = settings
         self._tick = tick
+        self._budget = budget  # False: each tick hands the whole backlog downstream
         self._stop = stop  # a bounded run: its last tick hands the whole backlog downstream
         self._shards = max(1, shards)
         self._max_backlog = max(1, settings.max_backlog // self._shards)
@@ -250,7 +252,7 @@ class PollShardFn(beam.DoFn):
         states.write(known)
         # (1 ms of slack: tick timestamps are rounded to microseconds)
         last_tick = self._stop is not None and float(tick.micros) / 1e6 + self._tick >= self._stop - 0.001
-        emitted, backlog = (backlog, []) if last_tick else budget.take(backlog)
+        emitted, backlog = budget.take(backlog) if self._budget and not last_tick else (backlog, [])
         if last_tick:
             unfinished = sum(url in self._in_flight for url in by_url)
             _LOG.info("shard %d, last tick: %d articles handed over%s", number, len(emitted),
@@ -277,15 +279,14 @@ class PollShardFn(beam.DoFn):
 
 
 class Budget:
-    """How many articles one shard hands downstream per tick.
+    """How many articles one shard hands downstream per tick (when the runner profile asks).
 
-    On the local runner (FnApiRunner) stages run one after the other: the next tick is not
-    polled until the articles of the last one went through NLP. Handing 5,000 articles of a
-    first poll downstream at once would hold polling for minutes; so the shard releases a
-    budget per tick and keeps the rest in its backlog. The budget follows the time between
-    ticks: a gap much longer than the tick means downstream took too long (shrink in
-    proportion); a budget used up with ticks on time grows by a quarter. On runners whose
-    stages run concurrently ticks stay on time and the budget grows out of the way."""
+    On a runner that runs stages one after the other the next tick is not polled until the
+    articles of the last one went through NLP. Handing 5,000 articles of a first poll
+    downstream at once would hold polling for minutes; so the shard releases a budget per tick
+    and keeps the rest in its backlog. The budget follows the time between ticks: a gap much
+    longer than the tick means downstream took too long (shrink in proportion); a budget used
+    up with ticks on time grows by a quarter."""
 
     def __init__(self, tick: float, start: float = 16.0, limit: float = 10_000.0):
         self._tick = tick
@@ -310,14 +311,12 @@ class Budget:
 
 
 class Ticks(ImpulseSeqGenDoFn):
-    """PeriodicImpulse's generator, waiting for its next tick instead of deferring early.
+    """PeriodicImpulse's generator, waiting for its next tick instead of deferring early (when
+    the runner profile asks).
 
-    An SDF that defers its remainder asks to be resumed at the next fire time; Beam 2.77's
-    FnApiRunner resumes it at once instead and cycles through empty bundles: an idle local
-    pipeline spun one core at 100% (with a 50 ms rest still ~20% of a core, mostly the runner
-    merging each empty bundle's metrics). Nothing else runs on that runner meanwhile, so the
-    generator sleeps until the tick is due. On runners that honour the resume time it is called
-    when the tick is due and does not sleep."""
+    An SDF that defers its remainder asks to be resumed at the next fire time; a runner that
+    resumes it at once instead cycles through empty bundles and keeps a core busy while the
+    pipeline is idle. There the generator sleeps until the tick is due."""
 
     def process(self, element, restriction_tracker=beam.DoFn.RestrictionParam(ImpulseSeqGenRestrictionProvider()),
                 watermark_estimator=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())):
@@ -341,8 +340,11 @@ class PollFeeds(beam.PTransform):
     `health` and `dead`."""
 
     def __init__(self, feeds: tuple[Feed, ...], interval: float, settings: FetchSettings,
-                 es_settings: ElasticsearchSettings, duration: float | None = None, shards: int = 8):
+                 es_settings: ElasticsearchSettings, duration: float | None = None, shards: int = 8,
+                 tick_budget: bool = True, wait_for_tick: bool = True):
         super().__init__()
+        self._tick_budget = tick_budget
+        self._wait_for_tick = wait_for_tick
         if not feeds:
             raise ValueError("no feeds to poll: add some to configs/feeds.yaml or pass --feed URL")
         self._shards = shard_feeds(feeds, shards)
@@ -362,10 +364,11 @@ class PollFeeds(beam.PTransform):
         settle = min(1.0, self._tick / 4, self._settings.total_timeout)
         return (pbegin
                 | "TickRange" >> beam.Create([(Timestamp.of(start), stop, self._tick)])
-                | "Tick" >> beam.ParDo(Ticks())
+                | "Tick" >> beam.ParDo(Ticks() if self._wait_for_tick else ImpulseSeqGenDoFn())
                 | "DueShards" >> beam.FlatMap(lambda _tick: shards)
                 | "FetchDueFeeds" >> beam.ParDo(PollShardFn(
                     self._settings, self._es_settings, self._interval, settle, slack=self._tick / 4,
-                    tick=self._tick, shards=len(shards), stop=start + self._duration if self._duration else None)
+                    tick=self._tick, shards=len(shards), stop=start + self._duration if self._duration else None,
+                    budget=self._tick_budget)
                 ).with_outputs(HEALTH, DEAD, main="articles"))
 
