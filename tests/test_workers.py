@@ -185,3 +185,23 @@ def test_the_thread_clock_counts_cpu_time_not_sleep(monkeypatch, schedstat):
         pass
     busy = timing.thread_clock()[0] - cpu
     assert slept < 0.05 < 0.15 < busy < 0.35
+
+
+def test_instances_of_a_dofn_in_one_process_share_one_pool_that_goes_with_the_last():
+    """A runner may run several instances of a DoFn in one process at once (Prism's loopback
+    worker does): one pool of worker processes between them, not one each."""
+    from newsbeam.transforms.workers import shared_pool
+
+    first, second = shared_pool(2, name="test"), shared_pool(2, name="test")
+    other = shared_pool(1, name="test")
+    try:
+        assert first._pool is second._pool and other._pool is not first._pool
+        assert first.submit(workerjobs.square, [3]).result() == [9]
+        pool = first._pool
+        first.shutdown()
+        assert second.submit(workerjobs.square, [4]).result() == [16]  # still up for the other user
+        second.shutdown()
+        with pytest.raises(RuntimeError):
+            pool.submit(workerjobs.square, [5]).result()  # the last user shut it down
+    finally:
+        other.shutdown()

@@ -33,7 +33,7 @@ from newsbeam.transforms import timing
 from newsbeam.transforms.batching import PooledBatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, dead_letter
 from newsbeam.transforms.settings import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
-from newsbeam.transforms.workers import WorkerPool
+from newsbeam.transforms.workers import SharedPool, shared_pool
 
 _LOG = logging.getLogger(__name__)
 
@@ -471,11 +471,11 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._tagged = Metrics.counter("newsbeam", "articles_tagged")
 
     def setup(self) -> None:
-        self._pool: WorkerPool | concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: SharedPool | concurrent.futures.ThreadPoolExecutor | None = None
         self._lowered = False  # teardown also follows a setup that failed, and may come twice
         if self._processes:
-            self._pool = WorkerPool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
-                                    name="spaCy")
+            self._pool = shared_pool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
+                                     name="spaCy")
         else:  # one model per process, shared by every DoFn instance (threads) in it
             self._nlp = self._model_handle.acquire(
                 lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
@@ -512,8 +512,11 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._tagged.inc(count)
 
     def _tag_one(self, article: dict[str, Any]) -> list[Any]:
+        # A pool already shut down (the run is stopping) raises here: the bundle fails instead of
+        # dead-lettering articles that did nothing wrong.
+        future = self._tag([article])
         try:
-            tagged, timings = self._tag([article]).result()
+            tagged, timings = future.result()
         except Exception as err:  # BrokenProcessPool: the worker died on this article
             return [beam.pvalue.TaggedOutput(DEAD, dead_letter(
                 "entities", type(err).__name__, str(err), feed_url=article.get("feed_url", ""),

@@ -39,7 +39,7 @@ from newsbeam.transforms.feedstate import FeedState, body_hash, health_doc, load
 from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
 from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
 from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings
-from newsbeam.transforms.workers import WorkerPool
+from newsbeam.transforms.workers import shared_pool
 
 _LOG = logging.getLogger(__name__)
 HEALTH = "health"
@@ -161,7 +161,7 @@ class PollShardFn(beam.DoFn):
         # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
         # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
         processes = self._settings.parse_processes if isinstance(self._settings.parse_processes, int) else 0
-        self._parser = (WorkerPool(processes, name="feedparser") if processes else
+        self._parser = (shared_pool(processes, name="feedparser") if processes else
                         concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse"))
         self._client = connect(self._es_settings, check=False)
         # Polls still running at the end of a tick: collected on a later tick.
