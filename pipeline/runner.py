@@ -17,6 +17,7 @@ has the figures it was chosen from).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -162,37 +163,56 @@ def apply_profile(settings: Settings, profile: RunnerProfile) -> Settings:
 
 class StopNoise(logging.Filter):
     """Keeps Beam's tracebacks of a run being stopped out of the log; the CLI reports the stop
-    in one line. The FnApiRunner logs the KeyboardInterrupt that lands inside a DoFn; Prism's
+    in one line. The FnApiRunner logs the KeyboardInterrupt that lands inside a DoFn. Prism's
     loopback worker logs (and its threads raise) the gRPC streams that close when Prism's
-    process goes, which a terminal's Ctrl-C stops before Python sees the signal. A runner that
-    goes away for another reason still ends `wait_until_finish` with an error, which the CLI
-    reports."""
+    process goes, which a terminal's Ctrl-C stops before Python sees the signal, and the
+    bundles it still runs while the interpreter exits. A runner that goes away for another
+    reason still ends `wait_until_finish` with an error, which the CLI reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False  # set when SIGINT or SIGTERM arrives
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("apache_beam") and record.exc_info and expected_at_stop(record.exc_info[1]))
+        if not record.name.startswith("apache_beam"):
+            return True
+        if self.stopping and record.levelno >= logging.ERROR:  # some carry the traceback in the message
+            return False
+        return not (record.exc_info and self.expected(record.exc_info[1]))
+
+    def expected(self, error: BaseException | None) -> bool:
+        import grpc
+        closed = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        return self.stopping or isinstance(error, KeyboardInterrupt) or (
+            isinstance(error, grpc.RpcError) and isinstance(error, grpc.Call) and error.code() in closed)
 
 
-def expected_at_stop(error: BaseException | None) -> bool:
-    import grpc
-    closed = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-    return isinstance(error, KeyboardInterrupt) or (
-        isinstance(error, grpc.RpcError) and isinstance(error, grpc.Call) and error.code() in closed)
-
-
-def quiet_stop_noise() -> None:
-    """Installs `StopNoise` on the root logger's handlers and in `threading.excepthook`."""
+def quiet_stop_noise() -> StopNoise:
+    """Installs `StopNoise` on the root logger's handlers and in `threading.excepthook`, and
+    sets its `stopping` when SIGINT or SIGTERM arrives, before the handlers installed so far."""
+    import signal
     import threading
 
     noise = StopNoise()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if callable(previous):
+            signal.signal(signum, functools.partial(_mark_stopping, noise, previous))
     for handler in logging.getLogger().handlers:
         handler.addFilter(noise)
     default_hook = threading.excepthook
 
     def excepthook(args: threading.ExceptHookArgs) -> None:
-        if not expected_at_stop(args.exc_value):
+        if not noise.expected(args.exc_value):
             default_hook(args)
 
     threading.excepthook = excepthook
+    return noise
+
+
+def _mark_stopping(noise: StopNoise, previous: Any, signum: int, frame: Any) -> None:
+    noise.stopping = True
+    previous(signum, frame)
 
 
 def main() -> None:
