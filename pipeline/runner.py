@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -174,11 +175,13 @@ class StopNoise(logging.Filter):
         self.stopping = False  # set when SIGINT or SIGTERM arrives
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("apache_beam"):
+        if record.name.startswith("newsbeam"):
             return True
-        if self.stopping and record.levelno >= logging.ERROR:  # some carry the traceback in the message
+        # Once stopping, Beam's errors and those Prism relays (bundles failed by the stop) are
+        # expected; some carry the traceback in the message.
+        if self.stopping and record.levelno >= logging.ERROR:
             return False
-        return not (record.exc_info and self.expected(record.exc_info[1]))
+        return not (record.name.startswith("apache_beam") and record.exc_info and self.expected(record.exc_info[1]))
 
     def expected(self, error: BaseException | None) -> bool:
         import grpc
@@ -212,6 +215,9 @@ def quiet_stop_noise() -> StopNoise:
 
 def _mark_stopping(noise: StopNoise, previous: Any, signum: int, frame: Any) -> None:
     noise.stopping = True
+    # Beam's SDK worker also prints each failed bundle's traceback; the log handlers keep the
+    # stream they were made with, so newsbeam's own lines still reach stderr.
+    sys.stderr = open(os.devnull, "w", encoding="utf-8")
     previous(signum, frame)
 
 
