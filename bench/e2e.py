@@ -4,9 +4,11 @@ local runner into a real Elasticsearch, and bare `nlp.pipe` over the same texts,
     .venv/bin/python -m bench.e2e                       # our synthetic corpus (bench/synthetic.py)
     .venv/bin/python -m bench.e2e --corpus ../shared/corpus/articles/recovery-reliable.jsonl
     .venv/bin/python -m bench.e2e --processes 0,2 --json bench.json
+    .venv/bin/python -m bench.e2e --runner FnApiRunner,PrismRunner   # both local runners, same minutes
 
-Per pipeline run (one per `--processes` value, in that order; repeat a value to see the spread:
-spaCy worker processes, 0 = spaCy in the pipeline process, i.e. one process like bare spaCy):
+Per pipeline run (one per `--processes` value and `--runner`, in that order, runners inner;
+repeat a value to see the spread: spaCy worker processes, 0 = spaCy in the pipeline process,
+i.e. one process like bare spaCy):
 0. warm-up: one article, so worker start-up and model loading are not counted;
 1. throughput: then every article but the last `--latency-items` is added to the feeds;
    articles/s = articles / (first fetch -> last article indexed), read from the index;
@@ -268,7 +270,8 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[int(fraction * 100) - 1], 2)
 
 
-def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], processes: str) -> dict:
+def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], processes: str,
+                 runner: str = "") -> dict:
     warmup, records = records[0], records[1:]
     backlog, probes = records[:-args.latency_items or None], records[len(records) - args.latency_items:]
     prefix = f"bench-{int(time.time() * 1000)}"
@@ -299,8 +302,9 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
         # Phase 0: one warm-up article (worker start-up and model loading are not throughput).
         urls = [server.serve(f"/feed{i}.xml", feed_xml([item_xml(warmup)] if i == 0 else []))
                 for i in range(args.feeds)]
-        command = [*cli, "run", "--config", str(config), *sum((["--feed", u] for u in urls), []), *args.beam_args]
-        print(f"[bench] processes={processes}: {len(backlog)} articles in {len(urls)} feeds, then "
+        command = [*cli, "run", "--config", str(config), *sum((["--feed", u] for u in urls), []),
+                   *(["--runner", runner] if runner else []), *args.beam_args]
+        print(f"[bench] {runner or 'default runner'}, processes={processes}: {len(backlog)} articles in {len(urls)} feeds, then "
               f"{len(probes)} one every {args.spacing:g}s", file=sys.stderr)
         started = time.time()
         run = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -336,8 +340,11 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
     output = (work / "pipeline.log").read_text()
     if run.returncode not in (0, 128 + signal.SIGTERM):
         print(output[-3000:], file=sys.stderr)
-    runner = next((line.split(": runner: ", 1)[1] for line in output.splitlines() if ": runner: " in line), "?")
-    stages = json.loads((work / "stages.json").read_text())["stages"] if (work / "stages.json").exists() else {}
+    runner_used = next((line.split(": runner: ", 1)[1] for line in output.splitlines() if ": runner: " in line), "?")
+    times = json.loads((work / "stages.json").read_text()) if (work / "stages.json").exists() else {}
+    stages = times.get("stages", {})
+    bundles = {name.removesuffix("_bundle_elements"): values for name, values in times.get("observed", {}).items()
+               if name.endswith("_bundle_elements")}
     searchable, alerted = watcher.latencies(watcher.searchable), watcher.latencies(watcher.alerted)
     third = max(1, len(sampler.samples) // 3)
     try:
@@ -346,7 +353,7 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
         alerts_written = 0
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
     result = {
-        "spacy_processes": processes, "runner": runner, "pipeline_exit_code": run.returncode,
+        "spacy_processes": processes, "runner": runner_used, "pipeline_exit_code": run.returncode,
         "articles": len(backlog), "indexed": indexed,
         **throughput,
         "seconds_start_to_warm": round(released - started, 1),
@@ -367,6 +374,9 @@ def run_pipeline(args, es_url: str, es_pid: int | None, records: list[dict], pro
         # CPU time of the threads that ran spaCy (the pipeline's or its workers'), per article.
         "spacy_cpu_ms_per_article_in_run": round(1000 * stages["entities_cpu"]["seconds"] / stages["entities_cpu"]["elements"], 1)
         if stages.get("entities_cpu", {}).get("elements") else None,
+        # How the runner cut the stream: bundles per batching stage, and their median and largest size.
+        "bundles_count_median_max": {name: [len(sizes), statistics.median(sizes), max(sizes)]
+                                     for name, sizes in sorted(bundles.items())},
         "stage_seconds": {name: value["seconds"] for name, value in sorted(stages.items())},
         "stage_ms_per_article": {name: round(1000 * value["seconds"] / max(1, value["elements"]), 2)
                                  for name, value in sorted(stages.items())},
@@ -437,6 +447,9 @@ def main() -> int:
     parser.add_argument("--processes", default="0,auto",
                         help="comma-separated spaCy worker process counts, one pipeline run each "
                              "(0: spaCy in the pipeline process; auto: one per core)")
+    parser.add_argument("--runner", default="",
+                        help="comma-separated runners (FnApiRunner, PrismRunner), one pipeline run each per "
+                             "--processes value (default: newsbeam's choice)")
     parser.add_argument("--poll-interval", type=float, default=5.0)
     parser.add_argument("--latency-items", type=int, default=30)
     parser.add_argument("--spacing", type=float, default=1.0, help="seconds between latency probes")
@@ -460,7 +473,8 @@ def main() -> int:
         parser.error("--alert-share must be between 0 and 1")
     records = mark_watched(load_corpus(args.corpus, args.articles), args.alert_share, args.latency_items)
     bare = BareSpacy(records[:len(records) - args.latency_items])
-    modes = [value.strip() for value in args.processes.split(",")]
+    modes = [(value.strip(), runner.strip()) for value in args.processes.split(",")
+             for runner in args.runner.split(",")]
     es_dir, es_pid = None, None
     es_url = args.es_url
     if not es_url:
@@ -477,10 +491,10 @@ def main() -> int:
             run_pipeline(warmup_args, es_url, es_pid, records[:args.warmup_articles + 1], "auto")
         # This shared machine drifts (bare spaCy moved by up to 16% within minutes): bare spaCy is
         # measured before and after every run, and each run's ratio uses the mean of the two.
-        for mode in modes:
+        for mode, runner in modes:
             print("[bench] bare spaCy", file=sys.stderr)
             brackets.append(bare.measure())
-            runs.append(run_pipeline(args, es_url, es_pid, records, mode))
+            runs.append(run_pipeline(args, es_url, es_pid, records, mode, runner))
         print("[bench] bare spaCy", file=sys.stderr)
         brackets.append(bare.measure())
     finally:
@@ -512,10 +526,10 @@ def main() -> int:
 
 
 def summary(runs: list[dict]) -> dict[str, dict]:
-    """Per spaCy-process setting: the median ratio to bare spaCy and the range over its runs."""
+    """Per runner and spaCy-process setting: the median ratio to bare spaCy and the range over its runs."""
     modes: dict[str, list[dict]] = {}
     for run in runs:
-        modes.setdefault(run["spacy_processes"], []).append(run)
+        modes.setdefault(f"{run['runner'].split(' ', 1)[0]}, spaCy processes {run['spacy_processes']}", []).append(run)
     return {mode: {"runs": len(group), **_spread("ratio", [run["ratio_to_bare_spacy"] for run in group]),
                    **_spread("ratio_to_spacy_in_run", [run["ratio_to_spacy_in_run"] for run in group
                                                        if run.get("ratio_to_spacy_in_run")])}
@@ -538,7 +552,7 @@ def _print(report: dict) -> None:
           f"{[b['articles_per_s'] for b in bare['measurements']]} / "
           f"{[b['articles_per_s_all_cores'] for b in bare['measurements']]})")
     for run in report["runs"]:
-        print(f"\n== pipeline, spaCy processes: {run['spacy_processes']}")
+        print(f"\n== pipeline on {run['runner']}, spaCy processes: {run['spacy_processes']}")
         for key, value in run.items():
             if key not in ("stage_seconds", "stage_ms_per_article", "spacy_processes"):
                 print(f"  {key:40s} {value}")
@@ -550,7 +564,7 @@ def _print(report: dict) -> None:
         in_run = (f"; to spaCy's CPU time in the same run {figures['median_ratio_to_spacy_in_run']} "
                   f"[{figures['min_ratio_to_spacy_in_run']}, {figures['max_ratio_to_spacy_in_run']}]"
                   if "median_ratio_to_spacy_in_run" in figures else "")
-        print(f"  spaCy processes {mode}: {figures['median_ratio']} [{figures['min_ratio']}, {figures['max_ratio']}]"
+        print(f"  {mode}: {figures['median_ratio']} [{figures['min_ratio']}, {figures['max_ratio']}]"
               f"{in_run} over {figures['runs']} run(s)")
 
 

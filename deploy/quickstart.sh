@@ -4,6 +4,7 @@
 # (e.g. --duration 600, --feed URL, --runner FlinkRunner ...).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 install_newsbeam ""
+deploy/prism.sh >/dev/null || echo "[newsbeam] Prism could not be built (see above)" >&2
 if [ -z "${ELASTICSEARCH_URL:-}" ]; then
   ELASTICSEARCH_URL="$(.venv/bin/python -m newsbeam.pipeline.local_es start)"
   export ELASTICSEARCH_URL

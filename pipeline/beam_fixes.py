@@ -1,8 +1,35 @@
-"""Work-arounds for Beam's local FnApiRunner (checked on Beam 2.77)."""
+"""Patches of Beam's local runtime (the FnApiRunner and the SDK worker, which Prism's loopback
+workers are too), written for and checked on one Beam version: `apply()` patches nothing on
+another version and says so, since the patched internals may have changed.
+
+Each patch, the Beam behaviour it works around:
+- `bound_fnapi_metrics`: the FnApiRunner keeps one nested generator of metrics per bundle forever.
+- `cheap_state_weights`: the SDK worker's state cache weighs each value by walking every module's globals.
+- `services_die_with_newsbeam`: Beam starts Prism's job server as a plain child, which outlives a killed parent.
+"""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from importlib import metadata
 from typing import Any
+
+_LOG = logging.getLogger(__name__)
+WRITTEN_FOR = "2.77."  # the Beam release line these patches were written for and checked on
+
+
+def apply(version: str | None = None) -> bool:
+    """Applies every patch when the installed Beam is the one they were written for; else logs
+    that the run goes on unpatched and returns False."""
+    version = version or metadata.version("apache-beam")
+    if not version.startswith(WRITTEN_FOR):
+        _LOG.warning("Beam %s: newsbeam's Beam patches were written for Beam %sx and are not applied "
+                     "(long local runs may use more memory and CPU)", version, WRITTEN_FOR)
+        return False
+    bound_fnapi_metrics()
+    cheap_state_weights()
+    services_die_with_newsbeam()
+    return True
 
 
 def bound_fnapi_metrics() -> None:
@@ -45,3 +72,33 @@ def cheap_state_weights() -> None:
 
     get_deep_size.newsbeam_cheap = True  # type: ignore[attr-defined]
     statecache.get_deep_size = get_deep_size
+
+
+def services_die_with_newsbeam() -> None:
+    """Beam's `SubprocessServer` starts Prism's job server with a bare `subprocess.Popen`: a
+    newsbeam killed with SIGKILL (the OOM killer, `kill -9`) leaves Prism running, holding its
+    port and memory. On Linux the servers it starts get SIGKILL when the thread that started
+    them (newsbeam's main thread, which lives as long as the run) ends. Idempotent."""
+    import ctypes
+    import signal
+    import subprocess
+    import sys
+    import types
+
+    from apache_beam.utils import subprocess_server
+
+    if sys.platform != "linux" or getattr(subprocess_server.subprocess, "newsbeam_pdeathsig", False):
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
+    pr_set_pdeathsig = 1
+
+    def die_with_parent() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    class Popen(subprocess.Popen):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs.setdefault("preexec_fn", die_with_parent)
+            super().__init__(*args, **kwargs)
+
+    subprocess_server.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": Popen,
+                                                            "newsbeam_pdeathsig": True})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from newsbeam.pipeline.config import Settings
+from newsbeam.pipeline.runner import RunnerProfile
 from newsbeam.transforms.alerts import STORE_DEAD, MatchAlerts
 from newsbeam.transforms.deadletter import DEAD
 from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth
@@ -38,10 +39,11 @@ def enrich(articles, settings: Settings, taxonomy: Taxonomy):
     return articles, tuple(dead)
 
 
-def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxonomy,
+def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxonomy, profile: RunnerProfile,
                    duration: float | None = None, fetch_shards: int = 8) -> beam.Pipeline:
     polled = pipeline | "PollFeeds" >> PollFeeds(settings.feeds, settings.poll_interval, settings.fetch,
-                                                 settings.elasticsearch, duration, fetch_shards)
+                                                 settings.elasticsearch, duration, fetch_shards,
+                                                 profile.tick_budget, profile.wait_for_tick)
     health = polled.health | "WriteFeedHealth" >> WriteFeedHealth(settings.elasticsearch)
     enriched, enrich_dead = enrich(polled.articles, settings, taxonomy)
     # Alerts are stored before their article is indexed, so a restart (which skips indexed
@@ -49,5 +51,7 @@ def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxono
     alerts = enriched | "MatchAlerts" >> MatchAlerts(settings)
     indexed = alerts["articles"] | "IndexArticles" >> IndexArticles(settings.elasticsearch)
     dead = (polled[DEAD], *enrich_dead, alerts[DEAD], alerts[STORE_DEAD], indexed[DEAD], health[DEAD])
+    if not profile.fan_out_dead_letters:
+        dead = dead | "FlattenDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(settings.elasticsearch)
     return pipeline

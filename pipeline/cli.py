@@ -21,7 +21,6 @@ from newsbeam.pipeline.config import (
     ConfigError,
     Feed,
     Settings,
-    for_runner,
     load_feeds,
     load_settings,
     with_connection,
@@ -106,27 +105,8 @@ def _report_progress(client, settings: Settings, stop: threading.Event, every: f
                       type(err).__name__)
 
 
-def _is_local(runner: str | None) -> bool:
-    """The runners that execute the whole pipeline in this process (Prism's default loopback
-    workers included)."""
-    return (runner or "DirectRunner").lower().removesuffix("runner") in ("direct", "prism", "fnapi", "bundlebased")
-
-
 def _workers(processes: int) -> str:
     return f"{processes} worker process(es)" if processes else "the pipeline process"
-
-
-def _runner_used(result: Any, requested: str | None) -> str:
-    """Which engine ran the job: the DirectRunner tries Prism, then falls back."""
-    if requested and requested not in ("DirectRunner", "direct"):
-        return requested
-    name = type(result).__name__
-    known = {"DirectPipelineResult": "BundleBasedDirectRunner (via DirectRunner)",
-             "RunnerResult": "FnApiRunner (via DirectRunner; Prism unavailable)"}
-    if name in known:
-        return known[name]
-    # Prism's result is the portable runner's PipelineResult.
-    return "PrismRunner (via DirectRunner)" if "portability" in type(result).__module__ else name
 
 
 def _exit_within(seconds: float, code: int, why: str) -> None:
@@ -177,9 +157,10 @@ def cmd_run(argv: list[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    from newsbeam.pipeline.beam_fixes import bound_fnapi_metrics, cheap_state_weights
+    from newsbeam.pipeline import beam_fixes
     from newsbeam.pipeline.build import build_pipeline
     from newsbeam.pipeline.options import NewsbeamOptions
+    from newsbeam.pipeline.runner import apply_profile, choose_runner, make_runner, profile_for, quiet_stop_noise
     from newsbeam.transforms.alerts import volume_job
     from newsbeam.transforms.delivery import DeliveryLoop
     from newsbeam.transforms.elastic import connect, ensure_indices
@@ -189,10 +170,14 @@ def cmd_run(argv: list[str]) -> int:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     passed = check_beam_args(argv)
     _LOG.info("Beam options passed on: %s", ", ".join(passed) or "none")
+    quiet_stop_noise()
     beam_options = PipelineOptions(argv)
     options = beam_options.view_as(NewsbeamOptions)
-    runner = beam_options.view_as(StandardOptions).runner
-    settings = for_runner(_settings_for_run(options), local=_is_local(runner))
+    settings = _settings_for_run(options)
+    choice = choose_runner(beam_options)
+    _LOG.info("runner: %s (%s)", choice.name, choice.reason)
+    profile = profile_for(choice, settings)
+    settings = apply_profile(settings, profile)
     grace = settings.fetch.shutdown_grace
     stopped_by = _stop_on_sigterm(grace)
     taxonomy = Taxonomy.load(settings.topics_file)
@@ -204,11 +189,10 @@ def cmd_run(argv: list[str]) -> int:
     _LOG.info("polling %d feed(s) every %gs into %s (alias %s)%s", len(settings.feeds), settings.poll_interval,
               redact_url(settings.elasticsearch.url), settings.elasticsearch.articles_alias,
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")
-    if _is_local(runner):
-        bound_fnapi_metrics()
-        cheap_state_weights()
-    pipeline = beam.Pipeline(options=beam_options)
-    build_pipeline(pipeline, settings, taxonomy, options.duration, options.fetch_shards)
+    if choice.local:
+        beam_fixes.apply()
+    pipeline = beam.Pipeline(runner=make_runner(choice, beam_options), options=beam_options)
+    build_pipeline(pipeline, settings, taxonomy, profile, options.duration, options.fetch_shards)
     stop = threading.Event()
     threading.Thread(target=_report_progress, args=(client, settings, stop), daemon=True).start()
     # Alerts are delivered here, beside the pipeline, never from a worker: see `alerts deliver`.
@@ -217,19 +201,14 @@ def cmd_run(argv: list[str]) -> int:
     started = time.monotonic()
     if options.duration:  # a bounded run ends on time even when a stage never finishes its bundle
         _exit_within(options.duration + grace, 0, f"the run reached --duration {options.duration:g}s")
-    result = None
     finished = False
     try:
-        result = pipeline.run()
-        _LOG.info("runner: %s", _runner_used(result, runner))
-        result.wait_until_finish()
+        pipeline.run().wait_until_finish()
         finished = True
     except (KeyboardInterrupt, RuntimeError) as err:
         # Beam re-raises a Ctrl-C that lands inside a DoFn as "RuntimeError: KeyboardInterrupt [while running …]".
         if isinstance(err, RuntimeError) and not str(err).startswith("KeyboardInterrupt"):
             raise
-        if result is None and _is_local(runner):  # only the FnApiRunner runs the job inside run()
-            _LOG.info("runner: FnApiRunner (via DirectRunner; Prism unavailable)")
         if stopped_by:
             _LOG.warning("stopped by SIGTERM; articles already handed to Elasticsearch are kept")
             return 128 + signal.SIGTERM

@@ -162,21 +162,6 @@ def load_settings(path: Path | str | None = None) -> Settings:
     )
 
 
-def for_runner(settings: Settings, local: bool) -> Settings:
-    """Settings with 'auto' worker counts resolved. On the local runner the whole pipeline is
-    one Python process, so spaCy gets a worker process per core and feedparser one of its
-    own; a distributed runner already runs a worker process per core, so work stays in it."""
-    from newsbeam.transforms.workers import resolve_processes
-    nlp = settings.nlp.processes
-    parse = settings.fetch.parse_processes
-    if nlp == AUTO:
-        nlp = resolve_processes(0) if local else 0
-    if parse == AUTO:
-        parse = 1 if local else 0
-    return dataclasses.replace(settings, nlp=dataclasses.replace(settings.nlp, processes=nlp),
-                               fetch=dataclasses.replace(settings.fetch, parse_processes=parse))
-
-
 def with_connection(settings: Settings, url: str | None, ca_certs: str | None) -> Settings:
     """Command-line connection flags win over the environment and the config file."""
     changes = {key: value for key, value in (("url", url), ("ca_certs", ca_certs)) if value}

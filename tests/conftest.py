@@ -100,3 +100,23 @@ def nlp():
 def feed_server():
     with FeedServer() as server:
         yield server
+
+
+def _prism_binary() -> str | None:
+    from newsbeam.pipeline.runner import prism_cache_path
+    path = prism_cache_path()
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+@pytest.fixture(params=["FnApiRunner", "PrismRunner"])
+def runner(request) -> list[str]:
+    """`newsbeam run` arguments for each local runner the end-to-end scenarios run on. The Prism
+    leg uses the binary deploy/prism.sh builds (deploy/test.sh runs it when Go is installed)."""
+    if request.param == "FnApiRunner":
+        return ["--runner", "FnApiRunner"]
+    binary = _prism_binary()
+    if binary is None:
+        from newsbeam.pipeline.runner import prism_cache_path
+        pytest.skip(f"PRISM LEG NOT RUN: no Prism binary at {prism_cache_path()}; "
+                    f"deploy/prism.sh builds it (needs Go: {'found' if shutil.which('go') else 'not installed'})")
+    return ["--runner", "PrismRunner", "--prism_location", binary]

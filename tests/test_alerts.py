@@ -305,7 +305,7 @@ def test_seed_scenario_one_webhook_call_one_alert_and_a_rule_added_mid_run(tmp_p
 
 
 @pytest.mark.slow
-def test_a_restart_neither_loses_nor_repeats_notifications(tmp_path, es, alert_settings, feed_server):
+def test_a_restart_neither_loses_nor_repeats_notifications(tmp_path, es, alert_settings, feed_server, runner):
     fixtures = fixture_articles()
     items = [fixtures["ventilators"], fixtures["late"], fixtures["floods"], fixtures["chips"]]
     feed = feed_server.serve("/world.xml", rss(items))
@@ -315,7 +315,7 @@ def test_a_restart_neither_loses_nor_repeats_notifications(tmp_path, es, alert_s
                     notify=(f"webhook:{hook.url('/ok')}", f"webhook:{hook.url('/flaky')}"))
         save_rule(es, alert_settings, rule)
         hook.fail("/flaky")
-        first = newsbeam("run", "--config", config, "--feed", feed, "--duration", "12")
+        first = newsbeam("run", *runner, "--config", config, "--feed", feed, "--duration", "12")
         assert first.returncode == 0, first.stderr[-3000:]
         assert len(hook.bodies("/ok")) == 3 and hook.bodies("/flaky") == []
         assert len([r for r in hook.refused if r["path"] == "/flaky"]) >= 1
@@ -323,7 +323,7 @@ def test_a_restart_neither_loses_nor_repeats_notifications(tmp_path, es, alert_s
         assert len(docs) == 3 and all(doc["pending_targets"] == [tid(f"webhook:{hook.url('/flaky')}")] for doc in docs)
 
         hook.recover("/flaky")
-        second = newsbeam("run", "--config", config, "--feed", feed, "--duration", "12")
+        second = newsbeam("run", *runner, "--config", config, "--feed", feed, "--duration", "12")
         assert second.returncode == 0, second.stderr[-3000:]
     expected = sorted(alert_id("relief", doc["article_id"]) for doc in docs)
     assert sorted(body["alert_id"] for body in hook.bodies("/flaky")) == expected  # the pending ones, once

@@ -15,7 +15,7 @@ from tests.support.feedserver import fixture_articles, rss
 pytestmark = pytest.mark.slow  # `newsbeam run` for tens of seconds per test
 
 
-def test_run_indexes_feed_items_once_and_picks_up_new_ones(tmp_path, es, es_settings, feed_server):
+def test_run_indexes_feed_items_once_and_picks_up_new_ones(tmp_path, es, es_settings, feed_server, runner):
     fixtures = fixture_articles()
     items = [fixtures["ventilators"], fixtures["floods"], fixtures["election"]]
     feed = feed_server.serve("/world.xml", lambda: rss(items))
@@ -44,14 +44,14 @@ def test_run_indexes_feed_items_once_and_picks_up_new_ones(tmp_path, es, es_sett
     finished: list[bool] = []
     threading.Thread(target=add_item_later, daemon=True).start()
     threading.Thread(target=watch_dead_letters, daemon=True).start()
-    run = newsbeam("run", "--config", str(config), "--feed", feed, "--feed", duplicate_feed,
+    run = newsbeam("run", *runner, "--config", str(config), "--feed", feed, "--feed", duplicate_feed,
                    "--feed", broken_feed, "--duration", "32")
     finished.append(True)
     ended = time.time()
     assert run.returncode == 0, run.stderr[-3000:]
     # Dead letters are searchable while the stream runs, not only when it stops.
     assert dead_seen and dead_seen[0] < ended - 10
-    assert "runner:" in run.stderr
+    assert f"runner: {runner[1]}" in run.stderr
     assert feed_server.hits["/world.xml"] >= 5  # polled repeatedly, not once
 
     es.indices.refresh(index=[es_settings.articles_alias, es_settings.deadletter_index])

@@ -25,7 +25,7 @@ def items(start: int, count: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_elasticsearch_refusing_connections_for_60s_loses_and_doubles_nothing(tmp_path, es, es_settings,
-                                                                              feed_server):
+                                                                              feed_server, runner):
     target = urlsplit(es_settings.url)
     proxy = FaultProxy(target.hostname, target.port)
     served = items(0, 5)
@@ -47,7 +47,7 @@ def test_elasticsearch_refusing_connections_for_60s_loses_and_doubles_nothing(tm
         served.extend(items(10, 5))
 
     threading.Thread(target=outage, daemon=True).start()
-    run = newsbeam("run", "--config", str(config), "--feed", feed, "--duration", "110", timeout=600)
+    run = newsbeam("run", *runner, "--config", str(config), "--feed", feed, "--duration", "110", timeout=600)
     proxy.close()
     assert run.returncode == 0, run.stderr[-3000:]
     assert timeline["up"] - timeline["down"] >= 59
@@ -161,7 +161,7 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
-def busy_run(tmp_path, es, es_settings, feed_server, **popen):
+def busy_run(tmp_path, es, es_settings, feed_server, runner, **popen):
     """`newsbeam run` on a feed that grows by 15 items every 2 s up to 150, returned once 20
     articles are indexed (so whatever stops it lands mid-run), with the feed's items, its URL,
     the config and the PIDs of the run's child processes."""
@@ -175,7 +175,8 @@ def busy_run(tmp_path, es, es_settings, feed_server, **popen):
             served.extend(items(len(served), 15))
 
     threading.Thread(target=publish, daemon=True).start()
-    process = start_newsbeam("run", "--config", str(config), "--feed", feed, stdout=subprocess.DEVNULL, **popen)
+    process = start_newsbeam("run", *runner, "--config", str(config), "--feed", feed, stdout=subprocess.DEVNULL,
+                             **popen)
     deadline = time.time() + 300
     count = 0
     while time.time() < deadline and count < 20 and process.poll() is None:
@@ -196,8 +197,8 @@ def assert_exited(children: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_settings, feed_server):
-    process, served, feed, config, children = busy_run(tmp_path, es, es_settings, feed_server,
+def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_settings, feed_server, runner):
+    process, served, feed, config, children = busy_run(tmp_path, es, es_settings, feed_server, runner,
                                                        stderr=subprocess.DEVNULL)
     assert children, "the pipeline runs feedparser in worker processes"
     os.kill(process.pid, signal.SIGKILL)
@@ -209,7 +210,7 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
     while len(served) < 150:  # the restarted pipeline sees the whole feed
         time.sleep(0.5)
 
-    run = newsbeam("run", "--config", str(config), "--feed", feed, "--duration", "15", timeout=600)
+    run = newsbeam("run", *runner, "--config", str(config), "--feed", feed, "--duration", "15", timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     es.indices.refresh(index=es_settings.articles_alias)
     total = es.count(index=es_settings.articles_alias)["count"]
@@ -221,11 +222,12 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_the_run_and_its_worker_processes(how, tmp_path, es, es_settings, feed_server):
+def test_ctrl_c_or_sigterm_stops_the_run_and_its_worker_processes(how, tmp_path, es, es_settings, feed_server,
+                                                                   runner):
     """A terminal's Ctrl-C reaches the whole process group, workers included; SIGTERM (`kill PID`,
     docker stop) reaches the pipeline process alone."""
     process, _, _, _, children = busy_run(
-        tmp_path, es, es_settings, feed_server, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        tmp_path, es, es_settings, feed_server, runner, stderr=subprocess.PIPE, text=True, start_new_session=True,
         # Ctrl-C handled as in a terminal, however the suite was started (a background job ignores it)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -242,4 +244,5 @@ def test_ctrl_c_or_sigterm_stops_the_run_and_its_worker_processes(how, tmp_path,
     code, message = {"ctrl-c": (130, "interrupted"), "sigterm": (143, "stopped by SIGTERM")}[how]
     assert process.returncode == code, stderr[-3000:]
     assert f"{message}; articles already handed to Elasticsearch are kept" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
     assert_exited(children)

@@ -11,11 +11,11 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from apache_beam.utils.timestamp import Timestamp
 
-from newsbeam.pipeline.config import ConfigError, NlpSettings, for_runner, load_settings
+from newsbeam.pipeline.config import NlpSettings
 from newsbeam.transforms import timing
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import TagEntitiesFn
-from newsbeam.transforms.workers import WorkerPool, resolve_processes
+from newsbeam.transforms.workers import WorkerPool
 from tests import workerjobs
 from tests.support.feedserver import fixture_articles
 
@@ -30,21 +30,6 @@ def test_a_pool_runs_in_order_and_survives_a_dead_worker():
         assert pool.submit(workerjobs.square, [6]).result() == [36]  # a new pool took over
     finally:
         pool.shutdown()
-
-
-def test_worker_counts_auto_resolve_by_runner_and_bad_values_are_refused(tmp_path):
-    settings = load_settings(None)
-    assert (settings.nlp.processes, settings.fetch.parse_processes) == ("auto", "auto")
-    local = for_runner(settings, local=True)
-    assert local.nlp.processes == resolve_processes(0) >= 1 and local.fetch.parse_processes == 1
-    cluster = for_runner(settings, local=False)
-    assert (cluster.nlp.processes, cluster.fetch.parse_processes) == (0, 0)
-    config = tmp_path / "pipeline.yaml"
-    config.write_text("nlp:\n  processes: 3\n")
-    assert for_runner(load_settings(config), local=True).nlp.processes == 3
-    config.write_text("nlp:\n  processes: -1\n")
-    with pytest.raises(ConfigError, match="nlp.processes must be 'auto' or a whole number >= 0"):
-        load_settings(config)
 
 
 def _articles() -> list[dict]:
@@ -198,3 +183,23 @@ def test_the_thread_clock_counts_cpu_time_not_sleep(monkeypatch, schedstat):
         pass
     busy = timing.thread_clock()[0] - cpu
     assert slept < 0.05 < 0.15 < busy < 0.35
+
+
+def test_instances_of_a_dofn_in_one_process_share_one_pool_that_goes_with_the_last():
+    """A runner may run several instances of a DoFn in one process at once (Prism's loopback
+    worker does): one pool of worker processes between them, not one each."""
+    from newsbeam.transforms.workers import shared_pool
+
+    first, second = shared_pool(2, name="test"), shared_pool(2, name="test")
+    other = shared_pool(1, name="test")
+    try:
+        assert first._pool is second._pool and other._pool is not first._pool
+        assert first.submit(workerjobs.square, [3]).result() == [9]
+        pool = first._pool
+        first.shutdown()
+        assert second.submit(workerjobs.square, [4]).result() == [16]  # still up for the other user
+        second.shutdown()
+        with pytest.raises(RuntimeError):
+            pool.submit(workerjobs.square, [5]).result()  # the last user shut it down
+    finally:
+        other.shutdown()

@@ -33,6 +33,7 @@ class BatchingDoFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._buffer: _Batch = []
         self._bytes = 0
+        self._bundle_elements = 0
 
     def element_bytes(self, element: Any) -> int:
         return 0
@@ -40,13 +41,20 @@ class BatchingDoFn(beam.DoFn):
     def process(self, element: Any, timestamp=beam.DoFn.TimestampParam,
                 window=beam.DoFn.WindowParam) -> Iterator:
         self._buffer.append((element, timestamp, window))
+        self._bundle_elements += 1
         if self.max_batch_bytes:
             self._bytes += self.element_bytes(element)
         if len(self._buffer) >= self.batch_size or (self.max_batch_bytes and self._bytes >= self.max_batch_bytes):
             yield from self._flush()
 
     def finish_bundle(self) -> Iterator:
+        self._observe_bundle()
         yield from self._flush()
+
+    def _observe_bundle(self) -> None:
+        # How the runner cuts the stream into bundles decides how much batching and overlap is possible.
+        if self.stage and self._bundle_elements:
+            timing.observe(f"{self.stage}_bundle_elements", self._bundle_elements)
 
     def _take(self) -> _Batch:
         batch, self._buffer, self._bytes = self._buffer, [], 0
@@ -87,6 +95,7 @@ class PooledBatchingDoFn(BatchingDoFn):
         yield from self._drain(keep=self.max_in_flight - 1)
 
     def finish_bundle(self) -> Iterator:
+        self._observe_bundle()
         if self.tail_batch_size:
             self._recut_tail()
         yield from self._flush()

@@ -384,8 +384,8 @@ class WriteDeadLetters(beam.PTransform):
     """Dead-letter records (one PCollection or a tuple of them) -> the dead-letter index,
     where people can search them by reason.
 
-    Each input gets its own writer instead of one Flatten: on the FnApiRunner (the local
-    fallback) a multi-input Flatten releases nothing until the whole run ends."""
+    A tuple gets one writer per input, for runners where a Flatten of unbounded inputs holds
+    elements back (the runner profile's `fan_out_dead_letters`)."""
 
     def __init__(self, settings: ElasticsearchSettings):
         super().__init__()

@@ -33,7 +33,7 @@ from newsbeam.transforms import timing
 from newsbeam.transforms.batching import PooledBatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, dead_letter_for, failed
 from newsbeam.transforms.settings import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
-from newsbeam.transforms.workers import WorkerPool
+from newsbeam.transforms.workers import SharedPool, shared_pool
 
 _LOG = logging.getLogger(__name__)
 
@@ -478,11 +478,11 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._tagged = Metrics.counter("newsbeam", "articles_tagged")
 
     def setup(self) -> None:
-        self._pool: WorkerPool | concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: SharedPool | concurrent.futures.ThreadPoolExecutor | None = None
         self._lowered = False  # teardown also follows a setup that failed, and may come twice
         if self._processes:
-            self._pool = WorkerPool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
-                                    name="spaCy")
+            self._pool = shared_pool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
+                                     name="spaCy")
         else:  # one model per process, shared by every DoFn instance (threads) in it
             self._nlp = self._model_handle.acquire(
                 lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
@@ -520,7 +520,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
             raise
 
     def _replace_worker(self, stuck: concurrent.futures.Future) -> None:
-        if isinstance(self._pool, WorkerPool):
+        if isinstance(self._pool, SharedPool):
             self._pool.replace(stuck)
             return
         # A thread cannot be stopped: it is left to finish alone and its result is dropped.
@@ -537,8 +537,11 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._tagged.inc(count)
 
     def _tag_one(self, article: dict[str, Any]) -> list[Any]:
+        # A pool already shut down (the run is stopping) raises here: the bundle fails instead of
+        # dead-lettering articles that did nothing wrong.
+        future = self._tag([article])
         try:
-            tagged, timings = self._result(self._tag([article]), 1)
+            tagged, timings = self._result(future, 1)
         except TimeoutError:
             return [self._dead(article, "nlp.article_timeout", f"NER took longer than nlp.article_timeout "
                                                               f"({self._settings.article_timeout:g}s); worker replaced")]

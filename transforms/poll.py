@@ -43,7 +43,7 @@ from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, f
 from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
 from newsbeam.transforms.redact import redact_url, redact_urls_in
 from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings
-from newsbeam.transforms.workers import WorkerPool
+from newsbeam.transforms.workers import SharedPool, shared_pool
 
 _LOG = logging.getLogger(__name__)
 HEALTH = "health"
@@ -140,9 +140,11 @@ class PollShardFn(beam.DoFn):
     BACKLOG = ReadModifyWriteStateSpec("backlog", PickleCoder())
 
     def __init__(self, settings: FetchSettings, es_settings: ElasticsearchSettings, default_interval: float,
-                 settle: float, slack: float, tick: float, shards: int, stop: float | None = None):
+                 settle: float, slack: float, tick: float, shards: int, stop: float | None = None,
+                 budget: bool = True):
         self._settings = settings
         self._tick = tick
+        self._budget = budget  # False: each tick hands the whole backlog downstream
         self._stop = stop  # a bounded run: its last tick hands the whole backlog downstream
         self._shards = max(1, shards)
         self._max_backlog = max(1, settings.max_backlog // self._shards)
@@ -166,8 +168,8 @@ class PollShardFn(beam.DoFn):
         # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
         processes = self._settings.parse_processes if isinstance(self._settings.parse_processes, int) else 0
         # The initializer imports the parser's module, so a deadline on a first parse never counts it.
-        self._parser = (WorkerPool(processes, importlib.import_module, (timed_read_feed.__module__,),
-                                   name="feedparser") if processes else
+        self._parser = (shared_pool(processes, importlib.import_module, (timed_read_feed.__module__,),
+                                    name="feedparser") if processes else
                         concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse"))
         self._client = connect(self._es_settings, check=False)
         self._parsing: list[concurrent.futures.Future] = []  # submitted and unfinished, oldest first
@@ -247,14 +249,14 @@ class PollShardFn(beam.DoFn):
         """Parses start in the order they were submitted, as many at once as the parser has workers."""
         with self._parsing_lock:
             self._parsing = [pending for pending in self._parsing if not pending.done()]
-            workers = self._parser.processes if isinstance(self._parser, WorkerPool) else 1
+            workers = self._parser.processes if isinstance(self._parser, SharedPool) else 1
             return future in self._parsing[:workers]
 
     def _replace_parser(self, stuck: concurrent.futures.Future) -> None:
         """A parse past its deadline: its worker process is killed and replaced; a thread cannot
         be stopped, so it is left to finish alone and a new one takes the next feeds."""
         _LOG.warning("a feed's parse passed fetch.parse_timeout; replacing the parser")
-        if isinstance(self._parser, WorkerPool):
+        if isinstance(self._parser, SharedPool):
             self._parser.replace(stuck)
             return
         self._parser.shutdown(wait=False, cancel_futures=True)
@@ -313,7 +315,7 @@ class PollShardFn(beam.DoFn):
         states.write(known)
         # (1 ms of slack: tick timestamps are rounded to microseconds)
         last_tick = self._stop is not None and float(tick.micros) / 1e6 + self._tick >= self._stop - 0.001
-        emitted, backlog = (backlog, []) if last_tick else budget.take(backlog)
+        emitted, backlog = budget.take(backlog) if self._budget and not last_tick else (backlog, [])
         if last_tick:
             unfinished = sum(url in self._in_flight for url in by_url)
             _LOG.info("shard %d, last tick: %d articles handed over%s", number, len(emitted),
@@ -340,15 +342,14 @@ class PollShardFn(beam.DoFn):
 
 
 class Budget:
-    """How many articles one shard hands downstream per tick.
+    """How many articles one shard hands downstream per tick (when the runner profile asks).
 
-    On the local runner (FnApiRunner) stages run one after the other: the next tick is not
-    polled until the articles of the last one went through NLP. Handing 5,000 articles of a
-    first poll downstream at once would hold polling for minutes; so the shard releases a
-    budget per tick and keeps the rest in its backlog. The budget follows the time between
-    ticks: a gap much longer than the tick means downstream took too long (shrink in
-    proportion); a budget used up with ticks on time grows by a quarter. On runners whose
-    stages run concurrently ticks stay on time and the budget grows out of the way."""
+    On a runner that runs stages one after the other the next tick is not polled until the
+    articles of the last one went through NLP. Handing 5,000 articles of a first poll
+    downstream at once would hold polling for minutes; so the shard releases a budget per tick
+    and keeps the rest in its backlog. The budget follows the time between ticks: a gap much
+    longer than the tick means downstream took too long (shrink in proportion); a budget used
+    up with ticks on time grows by a quarter."""
 
     def __init__(self, tick: float, start: float = 16.0, limit: float = 10_000.0):
         self._tick = tick
@@ -373,14 +374,12 @@ class Budget:
 
 
 class Ticks(ImpulseSeqGenDoFn):
-    """PeriodicImpulse's generator, waiting for its next tick instead of deferring early.
+    """PeriodicImpulse's generator, waiting for its next tick instead of deferring early (when
+    the runner profile asks).
 
-    An SDF that defers its remainder asks to be resumed at the next fire time; Beam 2.77's
-    FnApiRunner resumes it at once instead and cycles through empty bundles: an idle local
-    pipeline kept a core busy (a short rest per call did not cure it: the runner still merged
-    each empty bundle's metrics). Nothing else runs on that runner meanwhile, so the
-    generator sleeps until the tick is due. On runners that honour the resume time it is called
-    when the tick is due and does not sleep."""
+    An SDF that defers its remainder asks to be resumed at the next fire time; a runner that
+    resumes it at once instead cycles through empty bundles and keeps a core busy while the
+    pipeline is idle. There the generator sleeps until the tick is due."""
 
     def process(self, element, restriction_tracker=beam.DoFn.RestrictionParam(ImpulseSeqGenRestrictionProvider()),
                 watermark_estimator=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())):
@@ -404,8 +403,11 @@ class PollFeeds(beam.PTransform):
     `health` and `dead`."""
 
     def __init__(self, feeds: tuple[Feed, ...], interval: float, settings: FetchSettings,
-                 es_settings: ElasticsearchSettings, duration: float | None = None, shards: int = 8):
+                 es_settings: ElasticsearchSettings, duration: float | None = None, shards: int = 8,
+                 tick_budget: bool = True, wait_for_tick: bool = True):
         super().__init__()
+        self._tick_budget = tick_budget
+        self._wait_for_tick = wait_for_tick
         if not feeds:
             raise ValueError("no feeds to poll: add some to configs/feeds.yaml or pass --feed URL")
         self._shards = shard_feeds(feeds, shards)
@@ -425,10 +427,11 @@ class PollFeeds(beam.PTransform):
         settle = min(1.0, self._tick / 4, self._settings.total_timeout)
         return (pbegin
                 | "TickRange" >> beam.Create([(Timestamp.of(start), stop, self._tick)])
-                | "Tick" >> beam.ParDo(Ticks())
+                | "Tick" >> beam.ParDo(Ticks() if self._wait_for_tick else ImpulseSeqGenDoFn())
                 | "DueShards" >> beam.FlatMap(lambda _tick: shards)
                 | "FetchDueFeeds" >> beam.ParDo(PollShardFn(
                     self._settings, self._es_settings, self._interval, settle, slack=self._tick / 4,
-                    tick=self._tick, shards=len(shards), stop=start + self._duration if self._duration else None)
+                    tick=self._tick, shards=len(shards), stop=start + self._duration if self._duration else None,
+                    budget=self._tick_budget)
                 ).with_outputs(HEALTH, DEAD, main="articles"))
 

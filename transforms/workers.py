@@ -111,6 +111,55 @@ def _pid_after(seconds: float) -> int:
     return os.getpid()
 
 
+_shared: dict[tuple[Any, ...], list[Any]] = {}  # key -> [pool, users]
+_shared_lock = threading.Lock()
+
+
+def shared_pool(processes: int, initializer: Callable[..., None] | None = None, initargs: tuple = (),
+                name: str = "worker") -> SharedPool:
+    """A handle on this process's one pool for these arguments. A runner may run several
+    instances of a DoFn at once in one process, and a pool each would start more worker
+    processes (each with its own spaCy model) than there are cores."""
+    key = (name, processes, initializer, repr(initargs))
+    with _shared_lock:
+        entry = _shared.get(key)
+        if entry is None:
+            entry = _shared[key] = [WorkerPool(processes, initializer, initargs, name), 0]
+        entry[1] += 1
+        return SharedPool(key, entry[0])
+
+
+class SharedPool:
+    """Stands in for a `WorkerPool`; the pool shuts down when its last handle does."""
+
+    def __init__(self, key: tuple[Any, ...], pool: WorkerPool):
+        self._key = key
+        self._pool: WorkerPool | None = pool
+        self.processes = pool.processes
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        if self._pool is None:
+            raise RuntimeError("cannot submit to a shut down pool")
+        return self._pool.submit(fn, *args)
+
+    def replace(self, stuck: concurrent.futures.Future) -> None:
+        if self._pool is not None:
+            self._pool.replace(stuck)
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        with _shared_lock:
+            pool, self._pool = self._pool, None
+            if pool is None:
+                return
+            entry = _shared[self._key]
+            entry[1] -= 1
+            last = not entry[1]
+            if last:
+                del _shared[self._key]
+        if last:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
 def _start_child(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
     # Ctrl-C signals the whole process group. A worker leaves stopping to its parent, which
     # shuts the pool down; interrupted mid-batch it would fail that batch, or leave the pool

@@ -1,0 +1,109 @@
+"""Which runner `newsbeam run` gets and why (pipeline/runner.py), the runner profile it hands
+the stages, and the Beam patches' version guard (pipeline/beam_fixes.py)."""
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
+from apache_beam.runners.portability.prism_runner import PrismJobServer
+
+from newsbeam.pipeline import local_es
+from newsbeam.pipeline import runner as runners
+from newsbeam.pipeline.config import ConfigError, load_settings
+from newsbeam.transforms.workers import resolve_processes
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """No Prism binary anywhere newsbeam or Beam would look, and a Beam version without a
+    release binary, so Beam's download fails online as offline."""
+    monkeypatch.setattr(runners, "CACHE", tmp_path / "newsbeam-cache")
+    monkeypatch.setattr(PrismJobServer, "BIN_CACHE", str(tmp_path / "beam-cache"))
+    return ["--prism_beam_version_override", "v0.0.0-no-such-release"]
+
+
+def test_worker_counts_auto_resolve_by_runner_and_bad_values_are_refused(tmp_path):
+    settings = load_settings(None)
+    assert (settings.nlp.processes, settings.fetch.parse_processes) == ("auto", "auto")
+    local = runners.apply_profile(settings, runners.profile_for(runners.RunnerChoice("FnApiRunner", "", True),
+                                                                settings))
+    assert local.nlp.processes == resolve_processes(0) >= 1 and local.fetch.parse_processes == 1
+    cluster = runners.apply_profile(settings, runners.profile_for(runners.RunnerChoice("FlinkRunner", "", False),
+                                                                  settings))
+    assert (cluster.nlp.processes, cluster.fetch.parse_processes) == (0, 0)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("nlp:\n  processes: 3\n")
+    assert runners.profile_for(runners.RunnerChoice("PrismRunner", "", True), load_settings(config)).nlp_processes == 3
+    config.write_text("nlp:\n  processes: -1\n")
+    with pytest.raises(ConfigError, match="nlp.processes must be 'auto' or a whole number >= 0"):
+        load_settings(config)
+
+
+def test_each_runner_gets_its_own_profile():
+    settings = load_settings(None)
+    fnapi = runners.profile_for(runners.RunnerChoice("FnApiRunner", "", True), settings)
+    prism = runners.profile_for(runners.RunnerChoice("PrismRunner", "", True), settings)
+    flink = runners.profile_for(runners.RunnerChoice("FlinkRunner", "", False), settings)
+    assert (fnapi.tick_budget, fnapi.wait_for_tick, fnapi.fan_out_dead_letters) == (True, True, True)
+    assert (prism.tick_budget, prism.wait_for_tick, prism.fan_out_dead_letters) == (False, False, True)
+    assert (flink.tick_budget, flink.wait_for_tick, flink.fan_out_dead_letters) == (False, False, False)
+
+
+def test_the_prism_binary_deploy_prism_sh_built_is_found_without_flags(tmp_path, monkeypatch, empty_caches):
+    binary = local_es.CACHE / f"prism-v{runners.beam_version()}" / "prism"  # the real cache, not the fixture's
+    if not binary.is_file():
+        pytest.skip("no Prism binary: deploy/prism.sh builds it (needs Go)")
+    cached = tmp_path / "newsbeam-cache" / f"prism-v{runners.beam_version()}" / "prism"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(binary, cached)
+    assert runners.prism_cache_path() == cached
+    options = PipelineOptions(["--runner", "PrismRunner", *empty_caches])
+    choice = runners.choose_runner(options)
+    assert (choice.name, choice.local, choice.prism_binary) == ("PrismRunner", True, str(cached))
+    assert "deploy/prism.sh" in choice.reason
+    assert options.view_as(PrismRunnerOptions).prism_location == str(cached)
+    assert options.view_as(StandardOptions).runner == "PrismRunner"
+
+
+def test_prism_asked_for_by_name_without_a_binary_is_an_error_not_a_fallback(empty_caches):
+    with pytest.raises(RuntimeError, match="no Prism binary .*deploy/prism.sh"):
+        runners.choose_runner(PipelineOptions(["--runner", "PrismRunner", *empty_caches]))
+
+
+def test_the_default_falls_back_to_the_fnapi_runner_only_saying_why(empty_caches, monkeypatch, caplog):
+    monkeypatch.setattr(runners, "DEFAULT_LOCAL", runners.PRISM)
+    options = PipelineOptions(empty_caches)
+    with caplog.at_level(logging.WARNING, logger=runners.__name__):
+        choice = runners.choose_runner(options)
+    assert (choice.name, choice.reason) == ("FnApiRunner", "Prism unavailable")
+    assert options.view_as(StandardOptions).runner == "FnApiRunner"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "Prism unavailable" in warning and "download failed" in warning and "deploy/prism.sh" in warning
+
+
+def test_a_distributed_runner_is_left_as_asked():
+    options = PipelineOptions(["--runner", "FlinkRunner"])
+    choice = runners.choose_runner(options)
+    assert (choice.name, choice.local) == ("FlinkRunner", False)
+    assert runners.make_runner(choice, options) is None
+    local = runners.choose_runner(PipelineOptions(["--runner", "fnapi"]))
+    assert (local.name, local.reason) == ("FnApiRunner", "asked for with --runner")
+    assert type(runners.make_runner(local, PipelineOptions([]))).__name__ == "FnApiRunner"
+
+
+def test_beam_patches_refuse_a_beam_version_they_were_not_written_for():
+    script = ("import logging, sys\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "from apache_beam.runners.portability.fn_api_runner import fn_runner\n"
+              "from newsbeam.pipeline import beam_fixes\n"
+              "assert beam_fixes.apply('2.78.0') is False\n"
+              "assert not hasattr(fn_runner.consolidate_monitoring_infos, 'newsbeam_bounded')\n"
+              "assert beam_fixes.apply() is True\n"
+              "assert fn_runner.consolidate_monitoring_infos.newsbeam_bounded\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Beam 2.78.0: newsbeam's Beam patches were written for Beam 2.77.x and are not applied" in done.stderr
