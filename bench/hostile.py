@@ -13,8 +13,10 @@ Prints: good articles indexed / expected (items published at least one interval 
 the end), p95 item-visible -> searchable of the good items (visible: when the feed server first
 served it; searchable: the article's `indexed_at`; target <= interval + 3 s), peak RSS of the run
 and its worker processes (target <= 1.5 GB), and whether the run exited within its duration plus
-`fetch.shutdown_grace`. Each section adds its lines to the report; more sections (alert delivery
-while a target is down) add theirs the same way.
+`fetch.shutdown_grace`; and alerts: two rules match every good article, one notifying a
+healthy webhook, one a webhook that answers 503 the whole run: alerts delivered to the healthy
+target / alerts stored for its rule (target: all), and how many the dead one's were tried.
+Each section adds its lines to the report.
 """
 from __future__ import annotations
 
@@ -32,8 +34,12 @@ from pathlib import Path
 import yaml
 from elasticsearch import Elasticsearch
 
+from newsbeam.transforms.elastic import ensure_indices
+from newsbeam.transforms.rules import Rule
+from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings
 from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, gzipped, respond, stall, trickle_body
+from tests.support.receivers import WebhookReceiver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -167,6 +173,29 @@ def article_section(es: Elasticsearch, alias: str, feeds: GoodFeeds, run: dict, 
             f"hostile-feed and hostile-item articles indexed beside them: {hostile}"]
 
 
+def save_alert_rules(es: Elasticsearch, es_url: str, prefix: str, hook: WebhookReceiver) -> None:
+    """Two rules on the good articles: one for a healthy webhook, one for a webhook that is down."""
+    es_settings = ElasticsearchSettings(url=es_url, articles_alias=f"{prefix}-articles",
+                                        deadletter_index=f"{prefix}-deadletters", feeds_index=f"{prefix}-feeds")
+    alerts = AlertSettings(rules_index=f"{prefix}-rules", alerts_index=f"{prefix}-alerts")
+    ensure_indices(es, es_settings, alerts)
+    hook.fail("/down")
+    for name, path in (("harbour-healthy", "/up"), ("harbour-down", "/down")):
+        rule = Rule(name, "harbour", notify=(f"webhook:{hook.url(path)}",))
+        es.index(index=alerts.rules_index, id=name, document=rule.to_doc(), refresh=True)
+
+
+def alert_section(es: Elasticsearch, prefix: str, hook: WebhookReceiver) -> list[str]:
+    index = f"{prefix}-alerts"
+    es.indices.refresh(index=index)
+    stored = es.count(index=index, query={"term": {"rule": "harbour-healthy"}})["count"]
+    down = es.count(index=index, query={"term": {"rule": "harbour-down"}})["count"]
+    delivered = len({body["alert_id"] for body in hook.bodies("/up")})
+    tried = len([r for r in hook.refused if r["path"] == "/down"])
+    return [f"alerts delivered to a healthy target while another is down: {delivered} / {stored} (target: all)",
+            f"the down target's alerts: {down} stored, pending; {tried} attempts refused (it backs off on its own)"]
+
+
 def run_section(run: dict, duration: float) -> list[str]:
     on_time = run["ran"] <= duration + GRACE
     return [f"peak RSS (run + workers): {run['peak_rss'] / 2**30:.2f} GB (target <= 1.5 GB)",
@@ -192,6 +221,7 @@ def main() -> int:
         server, huge, stalled, trickling, full_text_host = (
             stack.enter_context(HostileServer(f"127.0.0.{n}")) for n in range(1, 6))
         keep_alive = stack.enter_context(HostileServer("127.0.0.6", keep_alive=True))
+        hook = stack.enter_context(WebhookReceiver())
         folder = stack.enter_context(tempfile.TemporaryDirectory())
         feeds = [{"url": server.route(f"/good/{n}.xml", good.behaviour(n))} for n in range(GOOD_FEEDS)]
         page = full_text_host.route("/page/bomb.html", respond(200, page_bomb(), {"Content-Encoding": "gzip",
@@ -208,6 +238,7 @@ def main() -> int:
             {"url": full_text_host.route("/fulltext.xml", respond(200, full_text)), "full_text": True},
         ]
         config = write_config(Path(folder), args.es_url, prefix, args.interval, feeds)
+        save_alert_rules(es, args.es_url, prefix, hook)
         run = run_pipeline(config, args.duration)
         if args.log:
             args.log.write_text(run["log"])
@@ -215,6 +246,7 @@ def main() -> int:
         try:
             report += article_section(es, f"{prefix}-articles", good, run, args.duration, run_ended)
             report += run_section(run, args.duration)
+            report += alert_section(es, prefix, hook)
             dead = es.count(index=f"{prefix}-deadletters")["count"] if es.indices.exists(
                 index=f"{prefix}-deadletters") else 0
             report.append(f"dead letters: {dead}")

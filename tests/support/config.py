@@ -35,6 +35,10 @@ def write_config(directory: Path, es_settings: ElasticsearchSettings, poll_inter
         deadletter_index=es_settings.deadletter_index, feeds_index=es_settings.feeds_index)
     # The test feeds are served on 127.0.0.1; poll on the interval: the tests time new items.
     config.setdefault("fetch", {}).update(allow_private_addresses=True, unchanged_backoff_max=1)
+    # A bounded run is ended at --duration + shutdown_grace whatever is in flight; tests that
+    # look at everything a run indexed give it time to drain on a loaded machine (the tests of
+    # ending on time set their own grace).
+    config["fetch"]["shutdown_grace"] = 120
     if alerts is not None:
         config.setdefault("alerts", {}).update(rules_index=alerts.rules_index, alerts_index=alerts.alerts_index)
     for section, values in (overrides or {}).items():
