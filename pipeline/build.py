@@ -2,12 +2,14 @@
 
     PollFeeds (schedule, fetch, parse) -> DedupeArticles -> [FetchFullText] -> CleanText
         -> LinkStories -> DetectLanguage -> TagEntities -> TagTopics -> MatchAlerts -> IndexArticles
-    MatchAlerts' alerts -> newsbeam-alerts, delivered by the outbox (transforms/delivery.py)
+    MatchAlerts' alerts -> newsbeam-alerts (sent by the delivery loop beside the pipeline,
+    transforms/delivery.py, which `newsbeam run` starts)
     (articles in languages the spaCy model does not read pass TagEntities and TagTopics untagged)
     PollFeeds' feed health -> WriteFeedHealth
     (every stage's dead letters) -> WriteDeadLetters
 
-Run it with `newsbeam run` (DirectRunner by default; `--runner FlinkRunner ...` on a cluster).
+Run it with `newsbeam run` (the local runner pipeline/runner.py chooses; `--runner FlinkRunner ...`
+on a cluster, with `newsbeam alerts deliver` beside it).
 """
 from __future__ import annotations
 

@@ -31,13 +31,15 @@ _LOG = logging.getLogger("newsbeam")
 
 
 def _unknown_flags_message(unknown: list[str], known: list[str]) -> str:
-    """'unrecognized arguments: --notfy slack:… (did you mean --notify?)'."""
+    """'unrecognized arguments: --notfy (did you mean --notify?)': flags only, never their values,
+    which may be secret (a webhook URL)."""
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
     hints = []
-    for arg in unknown:
-        if arg.startswith("-"):
-            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
-            hints += [f"{arg.split('=', 1)[0]}: did you mean {close[0]}?"] if close else []
-    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1)
+        hints += [f"{flag}: did you mean {close[0]}?"] if close else []
+    named = " ".join(flags) if flags else f"{len(unknown)} positional value(s)"
+    return f"unrecognized arguments: {named}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 class _StrictParser(argparse.ArgumentParser):
@@ -144,13 +146,17 @@ def _stop_on_sigterm(grace: float) -> list[int]:
     return stopped_by
 
 
-def _stop_delivery(delivery, settings: Settings, finished: bool) -> None:
+def _stop_delivery(delivery, finished: bool, exit_at: float | None) -> None:
     """After a bounded run, one more sweep gives the alerts of its last moments their first
     try (bounded by the send deadline); whatever is still undelivered stays pending for the
-    next run or `newsbeam alerts deliver`, and `newsbeam status` counts it."""
-    if finished:
-        delivery.flush(timeout=delivery.outbox.longest_send + 5)
-    delivery.stop()
+    next run or `newsbeam alerts deliver`, and `newsbeam status` counts it. Both waits end
+    before `exit_at` (monotonic), when the process is ended whatever runs: a send cut there
+    would keep its claim."""
+    left = None if exit_at is None else exit_at - time.monotonic() - 1
+    if finished and (left is None or left > 0):
+        budget = delivery.outbox.longest_send + 5
+        delivery.flush(timeout=budget if left is None else min(budget, left))
+    delivery.stop(timeout=None if exit_at is None else max(0.0, exit_at - time.monotonic() - 1))
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -170,7 +176,6 @@ def cmd_run(argv: list[str]) -> int:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     passed = check_beam_args(argv)
     _LOG.info("Beam options passed on: %s", ", ".join(passed) or "none")
-    quiet_stop_noise()
     beam_options = PipelineOptions(argv)
     options = beam_options.view_as(NewsbeamOptions)
     settings = _settings_for_run(options)
@@ -180,6 +185,7 @@ def cmd_run(argv: list[str]) -> int:
     settings = apply_profile(settings, profile)
     grace = settings.fetch.shutdown_grace
     stopped_by = _stop_on_sigterm(grace)
+    quiet_stop_noise()  # after the SIGTERM handler exists: it wraps the handlers installed so far
     taxonomy = Taxonomy.load(settings.topics_file)
     beam_options.view_as(StandardOptions).streaming = True
     _LOG.info("spaCy runs in %s, feedparser in %s", _workers(settings.nlp.processes),
@@ -199,6 +205,7 @@ def cmd_run(argv: list[str]) -> int:
     delivery = DeliveryLoop.connect(settings.elasticsearch, settings.alerts, jobs=[
         volume_job(settings.elasticsearch, settings.alerts, settings.nlp.model)]).start()
     started = time.monotonic()
+    exit_at = started + options.duration + grace if options.duration else None
     if options.duration:  # a bounded run ends on time even when a stage never finishes its bundle
         _exit_within(options.duration + grace, 0, f"the run reached --duration {options.duration:g}s")
     finished = False
@@ -217,7 +224,9 @@ def cmd_run(argv: list[str]) -> int:
         return 130
     finally:
         stop.set()
-        _stop_delivery(delivery, settings, finished)
+        if not finished:  # SIGTERM and Ctrl-C end the process `grace` after they came
+            exit_at = min(exit_at or float("inf"), time.monotonic() + grace)
+        _stop_delivery(delivery, finished, exit_at)
     client.indices.refresh(index=[settings.elasticsearch.articles_alias, settings.elasticsearch.deadletter_index])
     articles = client.count(index=settings.elasticsearch.articles_alias)["count"]
     dead = client.count(index=settings.elasticsearch.deadletter_index)["count"]
@@ -396,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate.main(args)
         return cmd_search(args)
     except (ConfigError, ElasticsearchUnavailable, RuntimeError) as err:
-        print(f"newsbeam: error: {err}", file=sys.stderr)
+        from newsbeam.pipeline.runner import error_stream
+        print(f"newsbeam: error: {err}", file=error_stream())
         return 2
     except BrokenPipeError:
         return 0

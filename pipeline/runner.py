@@ -213,11 +213,22 @@ def quiet_stop_noise() -> StopNoise:
     return noise
 
 
+_silenced: list[Any] = []  # the stand-in for sys.stderr once a stop began
+
+
+def error_stream() -> Any:
+    """Where newsbeam's own one-line errors go: the real stderr even after a stop silenced
+    Beam's prints."""
+    return sys.__stderr__ if _silenced and sys.stderr is _silenced[0] else sys.stderr
+
+
 def _mark_stopping(noise: StopNoise, previous: Any, signum: int, frame: Any) -> None:
     noise.stopping = True
     # Beam's SDK worker also prints each failed bundle's traceback; the log handlers keep the
     # stream they were made with, so newsbeam's own lines still reach stderr.
-    sys.stderr = open(os.devnull, "w", encoding="utf-8")
+    if not _silenced:
+        _silenced.append(open(os.devnull, "w", encoding="utf-8"))
+    sys.stderr = _silenced[0]
     previous(signum, frame)
 
 

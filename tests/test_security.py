@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from newsbeam.pipeline import local_es
-from newsbeam.pipeline.config import ElasticsearchSettings
+from newsbeam.pipeline.config import AlertSettings, ElasticsearchSettings
 from newsbeam.transforms.elastic import BulkWriter, ElasticsearchUnavailable, connect, ensure_indices
 from tests.support.cli import newsbeam
 
@@ -40,7 +40,10 @@ def test_least_privilege_user_sets_up_and_writes_but_cannot_touch_other_indices(
     monkeypatch.setenv("ELASTICSEARCH_USERNAME", local_es.WRITER_USER)
     monkeypatch.setenv("ELASTICSEARCH_PASSWORD", secure_es_node.password)
     client = connect(secure_settings)
-    ensure_indices(client, secure_settings)
+    # What `newsbeam run` ensures at start-up, alert indices included: the rules index is only
+    # read by the role, so the run goes on without creating it.
+    ensure_indices(client, secure_settings, AlertSettings())
+    assert "newsbeam-alerts" in secure_es_node.request("GET", "/newsbeam-alerts")
     outcomes = BulkWriter(client, secure_settings.articles_alias, "article_id").write(
         [{"article_id": "k1", "title": "written by the pipeline role"}])
     assert outcomes == [("written", "")]

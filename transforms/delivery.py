@@ -704,14 +704,15 @@ class DeliveryLoop:
         atexit.register(self.stop)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Ends the loop after the delivery in progress (bounded by its deadline), whose claim
-        is released; what is still pending stays pending for the next run."""
+        is released; what is still pending stays pending for the next run. Waits at most
+        `timeout` seconds (default: the longest send and some)."""
         atexit.unregister(self.stop)
         self._stopping.set()
         self._wakeup.set()
         if self._thread and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.outbox.longest_send + 30)
+            self._thread.join(timeout=self.outbox.longest_send + 30 if timeout is None else timeout)
 
     def wake(self) -> None:
         """New alerts were written: sweep now rather than at the next interval."""
@@ -763,5 +764,8 @@ class DeliveryLoop:
     def _run_job(job: PeriodicJob) -> None:
         try:
             job.run()
+        except (ApiError, TransportError) as err:
+            _LOG.warning("delivery loop: periodic job %s: Elasticsearch unavailable (%s); it runs again in %gs",
+                         job.name, type(err).__name__, job.interval)
         except Exception:  # one failing job must not stop delivery or the other jobs
             _LOG.exception("delivery loop: periodic job %s failed; it runs again in %gs", job.name, job.interval)

@@ -186,6 +186,9 @@ class IndexSpec:
     name: str
     mappings: dict[str, Any]
     alias: bool = False
+    # False for the alert rules: the pipeline's role only reads them; whoever manages rules
+    # (`newsbeam alerts add|import`) creates the index.
+    pipeline_writes: bool = True
 
     @property
     def pattern(self) -> str:
@@ -198,7 +201,7 @@ def index_registry(es: ElasticsearchSettings, alerts: AlertSettings | None = Non
     specs = [IndexSpec(es.articles_alias, ARTICLE_MAPPINGS, alias=True),
              IndexSpec(es.deadletter_index, DEADLETTER_MAPPINGS), IndexSpec(es.feeds_index, FEED_MAPPINGS)]
     if alerts is not None:
-        specs += [IndexSpec(alerts.rules_index, RULE_MAPPINGS), IndexSpec(alerts.alerts_index, ALERT_MAPPINGS),
+        specs += [IndexSpec(alerts.rules_index, RULE_MAPPINGS, pipeline_writes=False), IndexSpec(alerts.alerts_index, ALERT_MAPPINGS),
                   IndexSpec(target_state_index(alerts), TARGET_STATE_MAPPINGS)]
     return tuple(specs)
 
@@ -215,8 +218,14 @@ def ensure_indices(client: Elasticsearch, es: ElasticsearchSettings, alerts: Ale
         if spec.alias:
             _bootstrap_alias(client, spec.name)
         elif not client.indices.exists(index=spec.name):
-            _create(client, spec.name)
-        else:  # an index made by an earlier release gets the fields added since (adding is always allowed)
+            try:
+                _create(client, spec.name)
+            except ApiError as err:
+                if spec.pipeline_writes or err.meta.status != 403:
+                    raise
+                _LOG.info("%s does not exist yet and this role may not create it: no alert rules until "
+                          "`newsbeam alerts add` or `alerts import` makes it", spec.name)
+        elif spec.pipeline_writes:  # an index made by an earlier release gets the fields added since
             client.indices.put_mapping(index=spec.name, properties=spec.mappings["properties"])
 
 

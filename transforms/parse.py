@@ -22,7 +22,7 @@ import feedparser
 from newsbeam.transforms import clock
 from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.fetch import FetchResult
-from newsbeam.transforms.redact import redact_url
+from newsbeam.transforms.redact import redact_url, without_userinfo
 
 _LOG = logging.getLogger(__name__)
 
@@ -187,7 +187,9 @@ def parse_document(result: FetchResult, max_items: int = 500, max_bytes: int = 8
     and `max_bytes` reach it. With more than `max_sanitized_tags` tags, feedparser neither
     sanitises item HTML nor resolves its links: both run its pure-Python HTML parser over every
     tag, and CleanText reduces the HTML to text (without scripts or styles) anyway."""
-    headers = {"content-location": urljoin(result.final_url, result.headers.get("content-location", ""))}
+    # Without the feed URL's credentials: feedparser resolves relative links against this base.
+    base = without_userinfo(urljoin(result.final_url, result.headers.get("content-location", "")))
+    headers = {"content-location": base}
     for name in ("content-type", "content-language"):
         if name in result.headers:
             headers[name] = result.headers[name]

@@ -246,11 +246,13 @@ class PollShardFn(beam.DoFn):
         return done
 
     def _parse_started(self, future: concurrent.futures.Future) -> bool:
-        """Parses start in the order they were submitted, as many at once as the parser has workers."""
+        """Parses start in the order they were submitted: the process pool knows its queue across
+        every instance that shares it; this instance's parser thread takes one at a time."""
+        if isinstance(self._parser, SharedPool):
+            return self._parser.started(future)
         with self._parsing_lock:
             self._parsing = [pending for pending in self._parsing if not pending.done()]
-            workers = self._parser.processes if isinstance(self._parser, SharedPool) else 1
-            return future in self._parsing[:workers]
+            return future in self._parsing[:1]
 
     def _replace_parser(self, stuck: concurrent.futures.Future) -> None:
         """A parse past its deadline: its worker process is killed and replaced; a thread cannot

@@ -18,6 +18,17 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
+def without_userinfo(url: str) -> str:
+    """The URL with any user:password@ removed."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def redact_urls_in(text: str) -> str:
     """`text` (an error message, say) with the credentials of every URL in it replaced."""
     return _USERINFO.sub(r"\1***@", text)

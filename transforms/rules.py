@@ -433,6 +433,16 @@ class Target:
         return f"{self.kind}:{self.address}" if self.address else self.kind
 
 
+def _described(text: str) -> str:
+    """A target for an error message: its kind and host, never its path (a webhook's token) or
+    its recipients."""
+    kind, _, address = text.strip().partition(":")
+    host = re.match(r"^\w+://([^/\s?#]*)", address)
+    if host:
+        return f"{kind}:{host.group(1).rpartition('@')[2]}/…"
+    return f"{kind}:…" if address else kind
+
+
 def parse_target(text: str) -> Target:
     kind, _, address = text.strip().partition(":")
     kind = kind.lower()
@@ -440,14 +450,14 @@ def parse_target(text: str) -> Target:
         return Target(kind)
     if kind in ("webhook", "slack"):
         if not re.match(r"^https?://[^\s/]+", address):
-            raise RuleError(f"target {text!r}: {kind}: needs an http(s) URL, e.g. {kind}:https://host/path")
+            raise RuleError(f"target {_described(text)!r}: {kind}: needs an http(s) URL, e.g. {kind}:https://host/path")
         return Target(kind, address)
     if kind == "email":
         addresses = [a.strip() for a in address.split(",") if a.strip()]
         if not addresses or not all(re.match(r"^[^@\s,<>]+@[^@\s,<>]+$", a) for a in addresses):
-            raise RuleError(f"target {text!r}: email: needs one or more addresses, e.g. email:desk@example.org")
+            raise RuleError(f"target {_described(text)!r}: email: needs one or more addresses, e.g. email:desk@example.org")
         return Target(kind, ",".join(addresses))
-    raise RuleError(f"target {text!r}: use log, stdout, webhook:URL, slack:URL or email:ADDRESS")
+    raise RuleError(f"target {_described(text)!r}: use log, stdout, webhook:URL, slack:URL or email:ADDRESS")
 
 
 def parse_duration(text: str | int | float) -> int:

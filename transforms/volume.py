@@ -30,10 +30,11 @@ from typing import Any
 from elasticsearch import Elasticsearch, NotFoundError
 
 from newsbeam.transforms.clock import epoch, iso
-from newsbeam.transforms.deadletter import dead_letter
+from newsbeam.transforms.deadletter import dead_letter_for
 from newsbeam.transforms.delivery import new_deliveries, summarize
 from newsbeam.transforms.elastic import BulkWriter, connect
 from newsbeam.transforms.entities import load_model
+from newsbeam.transforms.redact import redact_url
 from newsbeam.transforms.rules import (
     NEW_VALUE_FIELDS,
     Lemmatizer,
@@ -72,7 +73,9 @@ def compile_volume(rule: Rule, lemmatize: Lemmatizer) -> VolumeRule:
         raise ValueError(f"rule {rule.name} is not a volume rule")
     query = compile_rule(rule, lemmatize).es_query()
     if rule.volume.feeds:
-        query = {"bool": {"filter": [query, {"terms": {"feed_url": list(rule.volume.feeds)}}]}}
+        # Articles store their feed URL without credentials (transforms/redact.py).
+        feeds = [redact_url(feed) for feed in rule.volume.feeds]
+        query = {"bool": {"filter": [query, {"terms": {"feed_url": feeds}}]}}
     return VolumeRule(rule, query)
 
 
@@ -449,8 +452,8 @@ class VolumeAlerts:
                 stored.append(firing)
             elif outcome == "failed":
                 _LOG.warning("volume alert %s of rule %s rejected: %s", firing.firing_id, rule.name, detail)
-                client.index(index=self._es.deadletter_index, document=dead_letter(
-                    "volume_alerts", "rejected_by_elasticsearch", detail, payload=json.dumps(doc, default=str)))
+                record = dead_letter_for(doc, "volume_alerts", "rejected_by_elasticsearch", detail)
+                client.index(index=self._es.deadletter_index, id=record["dead_letter_id"], document=record)
         return stored
 
     def close(self) -> None:

@@ -48,6 +48,7 @@ class WorkerPool:
         self._initargs = initargs
         self._name = name
         self._lock = threading.Lock()
+        self._queued: list[concurrent.futures.Future] = []  # submitted and unfinished, oldest first
         self._executor = self._start()
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -62,10 +63,20 @@ class WorkerPool:
         with self._lock:
             executor = self._executor
         try:
-            return executor.submit(fn, *args)
+            future = executor.submit(fn, *args)
         except BrokenProcessPool:
             self._restart(executor)
-            return self._executor.submit(fn, *args)
+            future = self._executor.submit(fn, *args)
+        with self._lock:
+            self._queued.append(future)
+        return future
+
+    def started(self, future: concurrent.futures.Future) -> bool:
+        """Whether `future` has a process by now: tasks start in the order they were submitted,
+        by every user of the pool, `processes` at a time (so a deadline can leave queueing out)."""
+        with self._lock:
+            self._queued = [queued for queued in self._queued if not queued.done()]
+            return future in self._queued[:self.processes]
 
     def replace(self, stuck: concurrent.futures.Future) -> None:
         """Kills the workers of the pool that runs `stuck` (past its deadline: a process cannot
@@ -145,6 +156,9 @@ class SharedPool:
     def replace(self, stuck: concurrent.futures.Future) -> None:
         if self._pool is not None:
             self._pool.replace(stuck)
+
+    def started(self, future: concurrent.futures.Future) -> bool:
+        return self._pool is not None and self._pool.started(future)
 
     def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
         with _shared_lock:
