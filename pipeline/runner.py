@@ -34,7 +34,7 @@ _LOG = logging.getLogger(__name__)
 
 PRISM = "PrismRunner"
 FNAPI = "FnApiRunner"
-DEFAULT_LOCAL = PRISM
+DEFAULT_LOCAL = FNAPI
 _LOCAL_NAMES = {"direct": None, "directrunner": None, "prism": PRISM, "prismrunner": PRISM,
                 "fnapi": FNAPI, "fnapirunner": FNAPI}
 

@@ -12,7 +12,7 @@ from tests.support import REPO
 from tests.support.config import write_config
 from tests.support.feedserver import rss
 
-ITEMS = 400  # NLP takes long enough over these that the kill lands while they are on their way
+ITEMS = 1000  # the per-tick budget and NLP take long enough over these that the kill lands mid-way
 
 
 def indexed(es, es_settings) -> int:
@@ -34,7 +34,7 @@ def test_kill_9_mid_backlog_and_restart_on_an_unchanged_feed_loses_no_article(tm
     body = rss(items)
     feed = feed_server.serve("/grain.xml", body, headers={"ETag": '"grain-1"'})  # the same bytes every poll
     # Ticks 3 s apart: the per-tick budget hands the parsed items downstream over several ticks.
-    config = write_config(tmp_path, es_settings, poll_interval=2, overrides={"fetch": {"scheduler_interval": 3}})
+    config = write_config(tmp_path, es_settings, poll_interval=2, overrides={"fetch": {"scheduler_interval": 3, "max_items_per_feed": 2000}})
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICSEARCH_")}
     process = subprocess.Popen([sys.executable, "-m", "newsbeam.pipeline.cli", "run", "--config", str(config),
                                 "--feed", feed], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
