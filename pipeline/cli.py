@@ -47,6 +47,7 @@ class _StrictParser(argparse.ArgumentParser):
     option fails instead of being dropped. `passes_through` (only `run`) collects them for Beam."""
 
     def __init__(self, *args: Any, passes_through: bool = False, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)  # `--conf` must not quietly mean `--config`
         super().__init__(*args, **kwargs)
         self._passes_through = passes_through
 

@@ -98,6 +98,7 @@ def test_a_3xx_without_location_counts_against_the_feed_and_is_dead_lettered(ser
     (["alerts", "test", "--qery", "ventilator"], "--qery", "--query"),
     (["alerts", "remove", "old", "--force"], "--force", None),
     (["status", "--jsn"], "--jsn", "--json"),
+    (["status", "--js"], "--js", "--json"),  # a prefix is not taken for the flag it starts
     (["es", "create-api-key", "--expiry", "90d"], "--expiry", "--expiration"),
     (["kibana", "setup", "--spce", "news"], "--spce", "--space"),
     (["--verbsoe", "status"], "--verbsoe", "--verbose"),
