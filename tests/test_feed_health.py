@@ -19,8 +19,13 @@ from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, conditional, gzip_bomb, redirect, respond, stall
 from tests.test_ingest_guards import BILLION_LAUGHS
 
+# The verdicts follow from these settings, not from how fast the machine is: a run stops
+# ticking FIRST_RUN seconds after it starts and a feed dies no earlier than its start, so with
+# DEAD_RETRY longer than FIRST_RUN the first run cannot retry the dead feed (exactly two requests
+# however slow the machine), and the second run, longer than DEAD_RETRY, always gets to it.
+FIRST_RUN, DEAD_RETRY, SECOND_RUN = 10, 12, 20
 FETCH = FetchSettings(allow_private_addresses=True, connect_timeout=1, read_timeout=1, total_timeout=2,
-                      scheduler_interval=1, dead_after=2, dead_retry_interval=4, per_host_delay=0.01,
+                      scheduler_interval=1, dead_after=2, dead_retry_interval=DEAD_RETRY, per_host_delay=0.01,
                       per_host_concurrency=8)
 ITEMS = [{"title": "Quake hits the coast", "link": "https://news.example.org/quake", "html": "<p>Shaking.</p>"}]
 
@@ -51,7 +56,7 @@ def test_misbehaving_feeds_show_up_in_health_and_dead_letters_and_recover(es, es
             "stall": (server.route("/stall.xml", stall(30)), "timeout"),
         }
         feeds = [Feed(url=good, name="Good")] + [Feed(url=url) for url, _ in endpoints.values()]
-        run_polling(feeds, es_settings, seconds=6)
+        run_polling(feeds, es_settings, seconds=FIRST_RUN)
         es.indices.refresh(index=[es_settings.feeds_index, es_settings.deadletter_index, es_settings.articles_alias])
 
         docs = {hit["_source"]["feed_url"]: hit["_source"] for hit in
@@ -65,7 +70,7 @@ def test_misbehaving_feeds_show_up_in_health_and_dead_letters_and_recover(es, es
             assert docs[url]["consecutive_failures"] >= 1 and docs[url]["last_success"] is None
         missing = endpoints["missing"][0]
         assert docs[missing]["dead"] and docs[missing]["consecutive_failures"] == 2
-        assert server.hits("/good.xml") >= 4 and server.hits("/missing.xml") == 2  # backed off, then dead
+        assert server.hits("/good.xml") >= 2 and server.hits("/missing.xml") == 2  # backed off, then dead
         dead_letters = {(hit["_source"]["feed_url"], hit["_source"]["stage"], hit["_source"]["reason"]) for hit in
                         es.search(index=es_settings.deadletter_index, size=100)["hits"]["hits"]}
         for url, error_class in endpoints.values():
@@ -85,7 +90,7 @@ def test_misbehaving_feeds_show_up_in_health_and_dead_letters_and_recover(es, es
         # last run parsed may not have got downstream), then conditionally with its stored ETag.
         server.routes["/missing.xml"] = respond(200, rss(ITEMS), {"Content-Type": "application/rss+xml"})
         requests_before = len(server.requests)
-        run_polling([Feed(url=good), Feed(url=missing)], es_settings, seconds=6)
+        run_polling([Feed(url=good), Feed(url=missing)], es_settings, seconds=SECOND_RUN)
         es.indices.refresh(index=es_settings.feeds_index)
         restarted = [headers for path, headers in server.requests[requests_before:] if path == "/good.xml"]
         assert len(restarted) >= 2 and restarted[0].get("If-None-Match") is None
