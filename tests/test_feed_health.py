@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from newsbeam.pipeline.feeds_cli import append_feeds, format_table, read_opml, status_rows
+from newsbeam.transforms import clock
 from newsbeam.transforms.elastic import connect, ensure_indices
 from newsbeam.transforms.feedstate import feed_id
 from tests.support.cli import newsbeam, start_newsbeam
@@ -90,6 +91,9 @@ def test_misbehaving_feeds_show_up_in_health_and_dead_letters_and_recover(es, es
                                                   "the missing one dead")
             assert server.hits("/missing.xml") == 2  # backed off, then dead: no third request yet
             assert docs[missing]["consecutive_failures"] == 2
+            # ... and its next try is scheduled a dead feed's retry interval after its last one.
+            retry_in = clock.epoch(docs[missing]["next_poll"]) - clock.epoch(docs[missing]["last_attempt"])
+            assert abs(retry_in - DEAD_RETRY) < 1, retry_in
             assert docs[good]["error_class"] is None and docs[good]["items_seen"] == 1
             assert docs[good]["etag"] == '"e1"'  # re-polled with its validator, not re-parsed
             assert es.get(index=es_settings.feeds_index, id=feed_id(good))["_source"]["feed_url"] == good
