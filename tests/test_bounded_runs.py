@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support import REPO
@@ -18,6 +19,7 @@ from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, respond, stall, trickle_body
 from tests.test_faults import assert_exited, items
 
+pytestmark = pytest.mark.slow  # `newsbeam run` until its deadline or SIGTERM, per test
 GRACE = 5
 
 

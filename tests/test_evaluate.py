@@ -79,7 +79,7 @@ def test_conll_reader_accepts_iob1_and_drops_misc(corpus):
     assert sorted(second.spans) == [(0, 1, "LOC")]  # IOB1 "I-LOC" starts a span; MISC is not scored
 
 
-def test_eval_entities_scores_exact_spans_after_our_fixes(capsys, corpus, tmp_path):
+def test_eval_entities_scores_exact_spans_after_titles_are_trimmed_and_headlines_true_cased(capsys, corpus, tmp_path):
     report = run_cli(capsys, "entities", "--corpus", str(corpus), "--seed", str(tmp_path / "no-seed.txt"))
     assert report["documents"] == 2 and report["unaligned_documents"] == 0
     per = report["labels"]["PER"]

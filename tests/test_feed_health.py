@@ -1,43 +1,70 @@
-"""Feed health end to end: PollFeeds in a streaming pipeline against misbehaving endpoints
-on loopback, health documents in the real Elasticsearch, `newsbeam feeds status`, a dead
-feed that comes back by itself, and validators that survive a restart."""
+"""Feed health end to end: `newsbeam run` against misbehaving endpoints on loopback, health
+documents in the real Elasticsearch, `newsbeam feeds status`, a dead feed that comes back by
+itself, and validators that survive a restart. The test waits for each state it needs (deadlines
+generous for a loaded machine) and stops each run with SIGTERM."""
 from __future__ import annotations
 
-import apache_beam as beam
+import os
+import signal
+import subprocess
+
 import pytest
 import yaml
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from newsbeam.pipeline.config import Feed, FetchSettings
 from newsbeam.pipeline.feeds_cli import append_feeds, format_table, read_opml, status_rows
-from newsbeam.transforms.deadletter import DEAD
-from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, WriteFeedHealth, connect, ensure_indices
+from newsbeam.transforms import clock
+from newsbeam.transforms.elastic import connect, ensure_indices
 from newsbeam.transforms.feedstate import feed_id
-from newsbeam.transforms.poll import PollFeeds
-from tests.support.cli import newsbeam
+from tests.support.cli import newsbeam, start_newsbeam
+from tests.support.config import write_config
 from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, conditional, gzip_bomb, redirect, respond, stall
+from tests.support.waiting import wait_until
 from tests.test_ingest_guards import BILLION_LAUGHS
 
-FETCH = FetchSettings(allow_private_addresses=True, connect_timeout=1, read_timeout=1, total_timeout=2,
-                      scheduler_interval=1, dead_after=2, dead_retry_interval=4, per_host_delay=0.01,
-                      per_host_concurrency=8)
+DEADLINE = 240  # seconds for each awaited state: start-up, NLP and Elasticsearch on 2 shared cores
+# A dead feed is retried DEAD_RETRY seconds after its second failure: long past the moment the test
+# reads its health (so exactly two requests however slow the machine), short enough to see it recover.
+DEAD_RETRY = 20
+FETCH = {"connect_timeout": 1, "read_timeout": 1, "total_timeout": 2, "scheduler_interval": 1, "dead_after": 2,
+         "dead_retry_interval": DEAD_RETRY, "per_host_delay": 0.01, "per_host_concurrency": 8}
 ITEMS = [{"title": "Quake hits the coast", "link": "https://news.example.org/quake", "html": "<p>Shaking.</p>"}]
 
 
-def run_polling(feeds, es_settings, seconds: float) -> None:
-    options = PipelineOptions([])
-    options.view_as(StandardOptions).streaming = True
-    with beam.Pipeline(options=options) as pipeline:
-        polled = pipeline | PollFeeds(tuple(feeds), 1.0, FETCH, es_settings, duration=seconds, shards=2)
-        polled.health | WriteFeedHealth(es_settings)
-        polled.articles | IndexArticles(es_settings)
-        polled[DEAD] | WriteDeadLetters(es_settings)
+class Run:
+    """`newsbeam run` on `feeds` in the background until `stop()` (SIGTERM)."""
+
+    def __init__(self, config, feeds: list[str], log):
+        self.log = log
+        with open(log, "w") as stderr:
+            self.process = start_newsbeam("run", "--config", str(config), *[a for f in feeds for a in ("--feed", f)],
+                                          stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+    def until(self, condition, what: str):
+        return wait_until(lambda: self.process.poll() is None and condition(), DEADLINE, f"{what} (run alive)")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=DEADLINE)
+            finally:
+                if self.process.poll() is None:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+        assert self.process.returncode == 128 + signal.SIGTERM, self.log.read_text()[-3000:]
+
+
+def health_docs(es, index: str) -> dict[str, dict]:
+    if not es.indices.exists(index=index):
+        return {}
+    es.indices.refresh(index=index)
+    return {hit["_source"]["feed_url"]: hit["_source"] for hit in es.search(index=index, size=50)["hits"]["hits"]}
 
 
 @pytest.mark.slow
 def test_misbehaving_feeds_show_up_in_health_and_dead_letters_and_recover(es, es_settings, tmp_path):
-    ensure_indices(connect(es_settings), es_settings)
+    config = write_config(tmp_path, es_settings, poll_interval=1, overrides={"fetch": FETCH})
     with HostileServer() as server:
         good = server.route("/good.xml", conditional(rss(ITEMS), '"e1"'))
         endpoints = {
@@ -50,48 +77,71 @@ def test_misbehaving_feeds_show_up_in_health_and_dead_letters_and_recover(es, es
                      "too_large"),
             "stall": (server.route("/stall.xml", stall(30)), "timeout"),
         }
-        feeds = [Feed(url=good, name="Good")] + [Feed(url=url) for url, _ in endpoints.values()]
-        run_polling(feeds, es_settings, seconds=6)
-        es.indices.refresh(index=[es_settings.feeds_index, es_settings.deadletter_index, es_settings.articles_alias])
-
-        docs = {hit["_source"]["feed_url"]: hit["_source"] for hit in
-                es.search(index=es_settings.feeds_index, size=50)["hits"]["hits"]}
-        assert set(docs) == {feed.url for feed in feeds}
-        assert docs[good]["error_class"] is None and docs[good]["items_seen"] == 1
-        assert docs[good]["etag"] == '"e1"' and docs[good]["http_status"] == 304  # re-polled, not re-parsed
-        assert es.get(index=es_settings.feeds_index, id=feed_id(good))["_source"]["feed_url"] == good
-        for url, error_class in endpoints.values():
-            assert docs[url]["error_class"] == error_class, (url, docs[url])
-            assert docs[url]["consecutive_failures"] >= 1 and docs[url]["last_success"] is None
         missing = endpoints["missing"][0]
-        assert docs[missing]["dead"] and docs[missing]["consecutive_failures"] == 2
-        assert server.hits("/good.xml") >= 4 and server.hits("/missing.xml") == 2  # backed off, then dead
-        dead_letters = {(hit["_source"]["feed_url"], hit["_source"]["stage"], hit["_source"]["reason"]) for hit in
-                        es.search(index=es_settings.deadletter_index, size=100)["hits"]["hits"]}
-        for url, error_class in endpoints.values():
-            reason = "unparseable_feed" if error_class == "parse" else error_class
-            assert any(u == url and r == reason for u, _, r in dead_letters), (url, reason)
-        assert es.count(index=es_settings.articles_alias)["count"] == 1
+        feeds = [good] + [url for url, _ in endpoints.values()]
+        run = Run(config, feeds, tmp_path / "first.stderr")
+        try:
+            def every_feed_reported():
+                docs = health_docs(es, es_settings.feeds_index)
+                done = (set(docs) == set(feeds) and docs[good]["http_status"] == 304 and docs[missing]["dead"]
+                        and all(docs[url]["error_class"] for url, _ in endpoints.values()))
+                return docs if done else None
 
-        table = format_table(status_rows(es, es_settings.feeds_index))
-        lines = table.splitlines()
-        assert lines[0].split()[:3] == ["STATE", "FAILS", "HTTP"]
-        states = [line.split()[0] for line in lines[1:]]
-        assert states == sorted(states, key=lambda state: state != "DEAD")  # the worst first
-        assert any(line.startswith("DEAD") and missing in line for line in lines)
-        assert lines[-1].startswith("ok") and good in lines[-1]
+            docs = run.until(every_feed_reported, "a health document for every feed, the good one re-polled, "
+                                                  "the missing one dead")
+            assert server.hits("/missing.xml") == 2  # backed off, then dead: no third request yet
+            assert docs[missing]["consecutive_failures"] == 2
+            # ... and its next try is scheduled a dead feed's retry interval after its last one.
+            retry_in = clock.epoch(docs[missing]["next_poll"]) - clock.epoch(docs[missing]["last_attempt"])
+            assert abs(retry_in - DEAD_RETRY) < 1, retry_in
+            assert docs[good]["error_class"] is None and docs[good]["items_seen"] == 1
+            assert docs[good]["etag"] == '"e1"'  # re-polled with its validator, not re-parsed
+            assert es.get(index=es_settings.feeds_index, id=feed_id(good))["_source"]["feed_url"] == good
+            for url, error_class in endpoints.values():
+                assert docs[url]["error_class"] == error_class, (url, docs[url])
+                assert docs[url]["consecutive_failures"] >= 1 and docs[url]["last_success"] is None
 
-        # The dead feed recovers; after a restart the good feed is fetched whole once (what the
-        # last run parsed may not have got downstream), then conditionally with its stored ETag.
-        server.routes["/missing.xml"] = respond(200, rss(ITEMS), {"Content-Type": "application/rss+xml"})
+            def dead_letters():
+                es.indices.refresh(index=es_settings.deadletter_index)
+                found = {(hit["_source"]["feed_url"], hit["_source"]["reason"]) for hit in
+                         es.search(index=es_settings.deadletter_index, size=100)["hits"]["hits"]}
+                wanted = {(url, "unparseable_feed" if kind == "parse" else kind) for url, kind in endpoints.values()}
+                return wanted <= found
+
+            run.until(dead_letters, "a dead letter with its reason for every misbehaving feed")
+            run.until(lambda: es.indices.exists_alias(name=es_settings.articles_alias) and
+                      es.count(index=es_settings.articles_alias)["count"] == 1, "the good feed's item indexed")
+
+            table = format_table(status_rows(es, es_settings.feeds_index))
+            lines = table.splitlines()
+            assert lines[0].split()[:3] == ["STATE", "FAILS", "HTTP"]
+            states = [line.split()[0] for line in lines[1:]]
+            assert states == sorted(states, key=lambda state: state != "DEAD")  # the worst first
+            assert any(line.startswith("DEAD") and missing in line for line in lines)
+            assert lines[-1].startswith("ok") and good in lines[-1]
+
+            # The dead feed comes back by itself, on its dead-feed retry.
+            server.routes["/missing.xml"] = respond(200, rss(ITEMS), {"Content-Type": "application/rss+xml"})
+            recovered = run.until(lambda: (lambda doc: doc if doc and not doc["dead"] else None)(
+                health_docs(es, es_settings.feeds_index).get(missing)), "the dead feed recovered")
+            assert recovered["consecutive_failures"] == 0 and recovered["http_status"] == 200
+        finally:
+            run.stop()
+
+        # After a restart the good feed is fetched whole once (what the last run parsed may not
+        # have got downstream), then conditionally with its stored ETag.
         requests_before = len(server.requests)
-        run_polling([Feed(url=good), Feed(url=missing)], es_settings, seconds=6)
-        es.indices.refresh(index=es_settings.feeds_index)
-        restarted = [headers for path, headers in server.requests[requests_before:] if path == "/good.xml"]
-        assert len(restarted) >= 2 and restarted[0].get("If-None-Match") is None
-        assert restarted[1].get("If-None-Match") == '"e1"'
-        recovered = es.get(index=es_settings.feeds_index, id=feed_id(missing))["_source"]
-        assert not recovered["dead"] and recovered["consecutive_failures"] == 0 and recovered["http_status"] == 200
+
+        def good_requests():
+            return [headers for path, headers in server.requests[requests_before:] if path == "/good.xml"]
+
+        restarted = Run(config, [good], tmp_path / "second.stderr")
+        try:
+            restarted.until(lambda: len(good_requests()) >= 2, "two polls of the good feed after the restart")
+        finally:
+            restarted.stop()
+        first, second = good_requests()[:2]
+        assert first.get("If-None-Match") is None and second.get("If-None-Match") == '"e1"'
 
 
 def test_feeds_status_command(es, es_settings, tmp_path):

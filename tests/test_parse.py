@@ -89,10 +89,13 @@ def test_parse_feed_reads_atom():
     assert article["language"] == "fr"
 
 
-def test_parse_feed_never_fetches_what_it_is_given():
-    # A body that is just a URL must be parsed as (bad) content, not fetched.
-    articles, problem = parse(result(b"http://127.0.0.1:9/never-fetched.xml"), max_items=10)
+def test_parse_feed_never_fetches_a_url_it_is_given_as_the_body(feed_server):
+    """feedparser fetches a string that looks like a URL; the parser must read it as (bad) content.
+    The URL names a live server with a real feed, so fetching it would show as a hit or an article."""
+    url = feed_server.serve("/never-fetched.xml", rss([fixture_articles()["ventilators"]]))
+    articles, problem = parse(result(url.encode()), max_items=10)
     assert articles == [] and problem
+    assert feed_server.hits == {}
 
 
 def test_fetched_at_is_kept_to_the_millisecond():

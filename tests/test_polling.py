@@ -16,6 +16,7 @@ from newsbeam.transforms.parse import parse_document, refresh_hint
 from newsbeam.transforms.poll import Budget, PollShardFn, tick_wait
 from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, respond, stall
+from tests.support.waiting import wait_until
 
 SETTINGS = FetchSettings(allow_private_addresses=True, max_poll_interval=86_400, dead_after=3,
                          dead_retry_interval=21_600, connect_timeout=1, read_timeout=1, total_timeout=4,
@@ -99,13 +100,16 @@ def test_polite_executor_limits_each_host_and_spaces_its_requests():
     active: dict[str, int] = {}
     peak: dict[str, int] = {}
     starts: dict[str, list[float]] = {}
-    lock = threading.Lock()
+    lock = threading.Condition()
 
     def work(host: str) -> None:
         with lock:
             active[host] = active.get(host, 0) + 1
             peak[host] = max(peak.get(host, 0), active[host])
             starts.setdefault(host, []).append(time.monotonic())
+            lock.notify_all()
+            # Held until two of the host's requests have run at once, however slowly they start.
+            lock.wait_for(lambda: peak[host] >= 2, timeout=30)
         time.sleep(0.15)
         with lock:
             active[host] -= 1
@@ -145,12 +149,10 @@ def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settin
         fn.start_bundle()
         try:
             state = _State()
-            started = time.monotonic()
             first = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state, backlog_state=_State()))
-            assert time.monotonic() - started < 1.5  # did not wait for the stalled host
             assert [a["title"] for a in first if isinstance(a, dict)] == ["Fast news"]
-            assert slow.url in fn._in_flight
-            time.sleep(1.2)
+            assert slow.url in fn._in_flight  # the bundle did not wait for the stalled host
+            wait_until(lambda: fn._in_flight[slow.url][0].done(), 60, "the stalled fetch to time out")
             fn.start_bundle()
             later = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state, backlog_state=_State()))
             health = [o.value for o in later if getattr(o, "tag", None) == "health"]

@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from newsbeam.transforms.feedstate import feed_id
 from tests.support import REPO
 from tests.support.config import write_config
 from tests.support.feedserver import rss
 
+pytestmark = pytest.mark.slow  # two `newsbeam run`s over 1,000 items
 ITEMS = 1000  # the per-tick budget and NLP take long enough over these that the kill lands mid-way
 
 

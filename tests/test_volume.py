@@ -346,6 +346,7 @@ def test_alerts_add_show_and_test_a_volume_rule(tmp_path, es, archive, live_aler
     assert "alerts: 0 (0 with deliveries pending)" in shown
 
 
+@pytest.mark.slow  # `newsbeam run --duration 25`
 def test_a_burst_served_as_a_feed_through_newsbeam_run_fires_one_spike(tmp_path, es, settings, feed_server):
     """End to end: items published over the last day and a burst in this hour, polled from a loopback
     feed by `newsbeam run` (parse, NLP, index), then the window evaluated once it is due."""

@@ -60,10 +60,9 @@ def test_the_deadline_covers_a_request_on_a_socket_the_server_kept_open():
         session = new_session(settings)
         try:
             assert "connection" not in fetch(session, Feed(url=first), settings).headers  # keep-alive offered
-            started = time.monotonic()
-            with pytest.raises(FetchError) as err:
+            with pytest.raises(FetchError) as err:  # without the deadline: all 60 bytes, no error
                 fetch(session, Feed(url=second), settings)
-            assert err.value.kind == "timeout" and time.monotonic() - started < settings.total_timeout + 1
+            assert err.value.kind == "timeout" and f"total time exceeds {settings.total_timeout:g}s" in str(err.value)
         finally:
             session.close()
     assert server.hits("/trickle.xml") == 1
