@@ -100,7 +100,7 @@ def model_texts(records: list[dict], settings) -> list[str]:
     true-cased as in the pipeline (transforms/parse.py, clean.py, entities.py)."""
     from newsbeam.pipeline.config import Feed
     from newsbeam.transforms.clean import clean_article
-    from newsbeam.transforms.entities import nlp_text, truecase_headlines
+    from newsbeam.transforms.entities import truecase_headlines
     from newsbeam.transforms.fetch import FetchResult
     from newsbeam.transforms.parse import safe_read_feed
     url = "http://127.0.0.1/bench.xml"
@@ -109,7 +109,7 @@ def model_texts(records: list[dict], settings) -> list[str]:
     parsed = safe_read_feed(served, len(records), 200_000)
     if parsed.problem or len(parsed.articles) != len(records):
         raise SystemExit(f"bench: the corpus did not parse as the pipeline parses it: {parsed.problem}")
-    return [truecase_headlines(nlp_text(clean_article(article), settings.max_chars)) for article in parsed.articles]
+    return [truecase_headlines(clean_article(article).nlp_text(settings.max_chars)) for article in parsed.articles]
 
 
 class BareSpacy:

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from newsbeam.pipeline.config import DedupeSettings
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.neardup import StoryIndex, link_stories
 from tests.support import REPO
 
@@ -29,13 +30,13 @@ def main() -> int:
     if not args.corpus.exists():
         parser.error(f"corpus {args.corpus} not found")
     records = [json.loads(line) for line in args.corpus.open(encoding="utf-8")]
-    articles = [{"article_id": r["url"], "title": r["title"], "body": r["body_text"]}
+    articles = [Article(article_id=r["url"], title=r["title"], body=r["body_text"])
                 for r in records if r.get("body_text")]
     truth = {frozenset(line.split("\t")[1:3]) for line in args.truth.read_text().splitlines()
              if line.startswith("same\t")}
     stories = defaultdict(list)
     for article in link_stories(articles, StoryIndex(), args.threshold):
-        stories[article["story_id"]].append(article["article_id"])
+        stories[article.story_id].append(article.article_id)
     predicted = {frozenset(pair) for members in stories.values() for pair in itertools.combinations(members, 2)}
     correct = predicted & truth
     precision = len(correct) / len(predicted) if predicted else 1.0

@@ -25,6 +25,7 @@ from newsbeam.pipeline.config import (
     load_settings,
     with_connection,
 )
+from newsbeam.transforms.logs import drop_beam_import_notice
 from newsbeam.transforms.redact import redact_url
 
 _LOG = logging.getLogger("newsbeam")
@@ -366,17 +367,9 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-class _DropBeamImportNotice(logging.Filter):
-    """Beam's GCP modules log "apitools not found ..." on import: noise for a tool that never
-    talks to Google Cloud."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("apitools not found")
-
-
 def main(argv: list[str] | None = None) -> int:
     # Before anything imports apache_beam (building the parser does); kept by basicConfig(force=True).
-    logging.getLogger().addFilter(_DropBeamImportNotice())
+    drop_beam_import_notice()
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     # force: importing Beam (while building the parser) may already have configured the root logger.

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from newsbeam.pipeline.config import ConfigError
+from newsbeam.transforms.article import Article
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"
@@ -156,12 +157,12 @@ def _progress(done: int, total: int) -> None:
         print(f"tagged {done}/{total}", file=sys.stderr, end="\r" if done < total else "\n")
 
 
-def tag_examples(tagger, examples: list[Example], with_mentions: bool = False) -> list[dict[str, Any]]:
+def tag_examples(tagger, examples: list[Example], with_mentions: bool = False) -> list[Article]:
     """Examples through `Tagger.tag_articles`, as `newsbeam tag` feeds its records."""
-    tagged: list[dict[str, Any]] = []
+    tagged: list[Article] = []
     for start in range(0, len(examples), _BATCH):
         batch = examples[start:start + _BATCH]
-        tagged += tagger.tag_articles([{"title": e.title, "content_html": e.text} for e in batch], with_mentions)
+        tagged += tagger.tag_articles([Article(title=e.title, content_html=e.text) for e in batch], with_mentions)
         _progress(len(tagged), len(examples))
     return tagged
 
@@ -189,7 +190,7 @@ def evaluate_topics(tagger, examples: list[Example], topics: Iterable[str], miss
     errors: dict[str, list[dict[str, Any]]] = {topic: [] for topic in topics}
     for example, article in zip(examples, tag_examples(tagger, examples)):
         scores = {s.topic: s for s in score_article(tagger.taxonomy, article)}
-        predicted = set(article["topics"])
+        predicted = set(article.topics)
         for topic in topics:
             gold, tagged = topic in example.gold, topic in predicted
             count = counts[topic]
@@ -223,8 +224,8 @@ def topic_checks(tagger, examples: list[Example]) -> list[dict[str, Any]]:
     results = []
     for example, article in zip(examples, tag_examples(tagger, examples)):
         results.append({"id": example.id, "title": example.title, "expected": sorted(example.gold),
-                        "topics": article["topics"], "ok": example.gold <= set(article["topics"]),
-                        "evidence": article["topic_evidence"]})
+                        "topics": list(article.topics), "ok": example.gold <= set(article.topics),
+                        "evidence": article.to_document()["topic_evidence"]})
     return results
 
 
@@ -357,8 +358,6 @@ def _token_index(doc: ConllDoc, seen: str) -> tuple[dict[int, int], dict[int, in
 
 
 def evaluate_entities(tagger, docs: list[ConllDoc], misses: int = 15) -> dict[str, Any]:
-    from newsbeam.transforms.entities import nlp_text
-
     examples = [Example(str(n), "", doc.text, frozenset()) for n, doc in enumerate(docs)]
     counts = {label: Counts() for label in ("PER", "ORG", "LOC")}
     confusion: Counter = Counter()
@@ -366,7 +365,7 @@ def evaluate_entities(tagger, docs: list[ConllDoc], misses: int = 15) -> dict[st
     spurious: Counter = Counter()
     unaligned = 0
     for doc, article in zip(docs, tag_examples(tagger, examples, with_mentions=True)):
-        index = _token_index(doc, nlp_text(article, tagger.settings.nlp.max_chars))
+        index = _token_index(doc, article.nlp_text(tagger.settings.nlp.max_chars))
         gold = set(doc.spans)
         if index is None:  # cleaning changed the tokens: every gold span counts as missed
             unaligned += 1
@@ -375,7 +374,7 @@ def evaluate_entities(tagger, docs: list[ConllDoc], misses: int = 15) -> dict[st
             continue
         starts, ends = index
         predicted = set()
-        for mention in article["mentions"]:
+        for mention in article.mentions:
             label = CONLL_LABELS.get(mention["label"])
             if label:
                 predicted.add((starts.get(mention["start"], -1), ends.get(mention["end"], -1), label,
@@ -412,9 +411,9 @@ def evaluate_entities(tagger, docs: list[ConllDoc], misses: int = 15) -> dict[st
 
 def seed_entities(tagger, seed: Path) -> dict[str, Any]:
     (article,) = tag_examples(tagger, [seed_example(seed)])
-    persons, locations = set(article["persons"]), set(article["locations"])
-    return {"persons": article["persons"], "locations": article["locations"],
-            "organizations": article["organizations"],
+    persons, locations = set(article.persons), set(article.locations)
+    return {"persons": list(article.persons), "locations": list(article.locations),
+            "organizations": list(article.organizations),
             "ok": persons == SEED_PERSONS and SEED_LOCATIONS <= locations}
 
 

@@ -18,6 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import Settings
 from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.delivery import DeliveryError, DeliveryLoop, Outbox, Senders, target_id
 from newsbeam.transforms.elastic import connect, ensure_indices
 from newsbeam.transforms.rules import Rule, parse_target, spacy_lemmatizer
@@ -54,26 +55,25 @@ def save_rule(es, settings: Settings, rule: Rule) -> None:
     es.index(index=settings.alerts.rules_index, id=rule.name, document=rule.to_doc(), refresh=True)
 
 
-def enriched(number: int) -> dict:
+def enriched(number: int) -> Article:
     """An article as TagTopics emits it (lemmas as TagEntities writes them)."""
-    return {"article_id": f"art-{number:03d}", "title": f"Hospital {number} receives ventilators",
-            "url": f"https://news.example.org/ventilators/{number}", "source": "news.example.org",
-            "language": "en", "published_at": "2020-05-21T14:05:00Z",
-            "body": f"Hospital number {number} received ventilators from the government on Monday.",
-            "lemmas": f"hospital {number} receive ventilator\nhospital number {number} receive ventilator from "
-                      f"the government on monday",
-            "entities": [], "persons": [], "organizations": [], "locations": [], "topics": []}
+    return Article(article_id=f"art-{number:03d}", title=f"Hospital {number} receives ventilators",
+                   url=f"https://news.example.org/ventilators/{number}", source="news.example.org",
+                   language="en", published_at="2020-05-21T14:05:00Z",
+                   body=f"Hospital number {number} received ventilators from the government on Monday.",
+                   lemmas=f"hospital {number} receive ventilator\nhospital number {number} receive ventilator from "
+                          f"the government on monday")
 
 
-def match_in_pipeline(settings: Settings, articles: list[dict], created: list[str]) -> None:
+def match_in_pipeline(settings: Settings, articles: list[Article], created: list[str]) -> None:
     """Runs MatchAlerts over `articles`; asserts which article ids got a new alert."""
     with BeamTestPipeline() as pipeline:
         alerts = pipeline | beam.Create(articles) | MatchAlerts(settings)
         assert_that(alerts["created"] | beam.Map(lambda alert: alert["article_id"]), equal_to(created),
                     label="CreatedAlerts")
         assert_that(alerts["dead"], equal_to([]), label="NoDeadLetters")
-        assert_that(alerts["articles"] | beam.Map(lambda article: article["article_id"]),
-                    equal_to([a["article_id"] for a in articles]), label="EveryArticlePassesOn")
+        assert_that(alerts["articles"] | beam.Map(lambda article: article.article_id),
+                    equal_to([a.article_id for a in articles]), label="EveryArticlePassesOn")
 
 
 def alert_docs(es, settings: Settings, rule: str) -> list[dict]:
@@ -88,7 +88,7 @@ def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es
         hook.fail("/hook")
         save_rule(es, alert_settings, Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",)))
         articles = [enriched(n) for n in range(12)]
-        match_in_pipeline(alert_settings, articles, [a["article_id"] for a in articles])
+        match_in_pipeline(alert_settings, articles, [a.article_id for a in articles])
         time.sleep(4)  # the target stays down: attempts are refused and backed off
         assert hook.bodies() == []
         # One failing target is paused as a whole, not hammered once per pending alert.
@@ -102,7 +102,7 @@ def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es
         hook.wait_for(12, timeout=20)
         time.sleep(1.5)  # nothing more arrives: no duplicates
         bodies = hook.bodies()
-        assert sorted(b["alert_id"] for b in bodies) == sorted(alert_id("vents", a["article_id"]) for a in articles)
+        assert sorted(b["alert_id"] for b in bodies) == sorted(alert_id("vents", a.article_id) for a in articles)
         assert len({r["headers"]["Idempotency-Key"] for r in hook.received}) == 12
         assert bodies[0]["type"] == "alert" and bodies[0]["matched_terms"] == ["ventilators"]
         assert "**ventilators**" in bodies[0]["snippet"]
@@ -118,7 +118,7 @@ def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es,
         hook.fail("/hook")
         save_rule(es, alert_settings, Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",)))
         articles = [enriched(n) for n in range(3)]
-        match_in_pipeline(alert_settings, articles, [a["article_id"] for a in articles])
+        match_in_pipeline(alert_settings, articles, [a.article_id for a in articles])
         hook.recover("/hook")
         hook.stall("/hook", 1.5)
         pickled = tmp_path / "settings.pickle"
@@ -136,7 +136,7 @@ def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es,
         assert all(record["claimed_until"] is None for doc in docs for record in doc["deliveries"]), repr([d["deliveries"] for d in docs])
         hook.stall("/hook", 0)
         assert Outbox(es, alert_settings.alerts).sweep() == 2  # the next run sends the rest at once
-        assert sorted(b["alert_id"] for b in hook.bodies()) == sorted(alert_id("vents", a["article_id"])
+        assert sorted(b["alert_id"] for b in hook.bodies()) == sorted(alert_id("vents", a.article_id)
                                                                       for a in articles)
 
 
@@ -146,7 +146,7 @@ def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings,
         save_rule(es, alert_settings, Rule("burst", "ventilator", notify=(f"webhook:{hook.url('/digest')}",),
                                            digest_seconds=4))
         burst = [enriched(n) for n in range(50)]
-        match_in_pipeline(alert_settings, burst, [a["article_id"] for a in burst])
+        match_in_pipeline(alert_settings, burst, [a.article_id for a in burst])
         first = min(doc["matched_at"] for doc in alert_docs(es, alert_settings, "burst"))
         if time.time() < _epoch(first) + 3.5:
             assert hook.bodies() == []  # the window is still open
@@ -154,11 +154,11 @@ def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings,
         time.sleep(1.5)
         [digest] = hook.bodies()
         assert digest["type"] == "digest" and digest["rule"] == "burst" and digest["count"] == 50
-        assert sorted(a["article"]["article_id"] for a in digest["alerts"]) == sorted(a["article_id"] for a in burst)
+        assert sorted(a["article"]["article_id"] for a in digest["alerts"]) == sorted(a.article_id for a in burst)
 
         # Re-processed articles are already alerted; only the 5 new ones make the next digest.
         later = [enriched(n) for n in range(50, 55)]
-        match_in_pipeline(alert_settings, burst[:3] + later, [a["article_id"] for a in later])
+        match_in_pipeline(alert_settings, burst[:3] + later, [a.article_id for a in later])
         hook.wait_for(2, timeout=20)
         time.sleep(1.5)
         assert [body["count"] for body in hook.bodies()] == [50, 5]

@@ -1,3 +1,4 @@
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.clean import clean_article, html_to_text
 
 
@@ -14,15 +15,15 @@ def test_html_to_text_normalises_whitespace_and_unicode():
 
 
 def test_clean_article_prefers_the_longer_text_and_drops_html():
-    article = {"title": "A &amp; B", "summary_html": "<p>short</p>",
-               "content_html": "<p>the full story, much longer</p>"}
+    article = Article(title="A &amp; B", summary_html="<p>short</p>",
+                      content_html="<p>the full story, much longer</p>")
     cleaned = clean_article(article)
-    assert cleaned["title"] == "A & B"
-    assert cleaned["summary"] == "short"
-    assert cleaned["body"] == "the full story, much longer"
-    assert "summary_html" not in cleaned and "content_html" not in cleaned
+    assert cleaned.title == "A & B"
+    assert cleaned.summary == "short"
+    assert cleaned.body == "the full story, much longer"
+    assert cleaned.summary_html == "" and cleaned.content_html == ""
 
 
 def test_clean_article_falls_back_to_summary():
-    cleaned = clean_article({"title": "t", "summary_html": "<p>only a summary</p>", "content_html": ""})
-    assert cleaned["body"] == "only a summary"
+    cleaned = clean_article(Article(title="t", summary_html="<p>only a summary</p>", content_html=""))
+    assert cleaned.body == "only a summary"

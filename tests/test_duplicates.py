@@ -9,6 +9,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from newsbeam.pipeline.config import DedupeSettings
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.dedupe import DedupeArticles, indexed_ids
 from newsbeam.transforms.elastic import connect, ensure_indices
 from newsbeam.transforms.neardup import LinkStoriesFn, StoryIndex, link_stories
@@ -40,8 +41,8 @@ agreed to waive permit fees for businesses in neighbourhoods hit hardest by the 
 proposal to close two downtown streets to traffic on weekends was sent back to committee for more study."""
 
 
-def article(article_id: str, title: str, body: str) -> dict:
-    return {"article_id": article_id, "title": title, "body": body, "url": f"https://example.org/{article_id}"}
+def article(article_id: str, title: str, body: str) -> Article:
+    return Article(article_id=article_id, title=title, body=body, url=f"https://example.org/{article_id}")
 
 
 def test_syndicated_copies_share_a_story_and_other_stories_do_not():
@@ -49,16 +50,16 @@ def test_syndicated_copies_share_a_story_and_other_stories_do_not():
                            article("b7", "House passes $3T relief bill for states", COPY),
                            article("c3", "Council extends outdoor dining permits", OTHER),
                            article("d4", "Short", "Too short to compare.")], StoryIndex(), 0.6)
-    stories = {a["article_id"]: a["story_id"] for a in linked}
+    stories = {a.article_id: a.story_id for a in linked}
     assert stories == {"a1": "a1", "b7": "a1", "c3": "c3", "d4": "d4"}
-    assert "story_bands" not in linked[3]  # nothing to compare on: its own story
+    assert linked[3].story_bands == () and linked[3].story_minhash is None  # nothing to compare on: its own story
     # The same body under an unrelated headline is scraped boilerplate, not a copy.
     boiler = link_stories([article("a1", "House passes $3 trillion relief bill", WIRE),
                            article("x9", "Sweden looks to break out of its isolation", WIRE)], StoryIndex(), 0.6)
-    assert boiler[1]["story_id"] == "x9"
+    assert boiler[1].story_id == "x9"
     strict = link_stories([article("a1", "House passes relief bill", WIRE),
                            article("b7", "House passes relief bill", COPY)], StoryIndex(), 0.95)
-    assert strict[1]["story_id"] == "b7"  # the threshold is honoured
+    assert strict[1].story_id == "b7"  # the threshold is honoured
 
 
 def test_stories_link_across_restarts_through_elasticsearch(es, es_settings):
@@ -66,14 +67,14 @@ def test_stories_link_across_restarts_through_elasticsearch(es, es_settings):
     ensure_indices(client, es_settings)
     (first,) = link_stories([article("a1", "House passes $3 trillion relief bill", WIRE)], StoryIndex(), 0.6)
     es.index(index=es_settings.articles_alias, id="a1", refresh=True, document={
-        **first, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        **first.to_document(), "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     fn = LinkStoriesFn(es_settings, DedupeSettings())
     fn.setup()  # a fresh process: nothing in memory
     try:
         (outputs,) = list(fn.handle_batch([article("b7", "House passes $3T relief bill for states", COPY)]))
     finally:
         fn.teardown()
-    assert outputs[0]["story_id"] == "a1"
+    assert outputs[0].story_id == "a1"
     assert es.count(index=es_settings.articles_alias, query={"term": {"story_id": "a1"}})["count"] == 1
 
 
@@ -82,8 +83,8 @@ def test_exact_duplicates_are_dropped_in_stream_and_against_the_index(es, es_set
     es.index(index=es_settings.articles_alias, id="indexed-before-restart", refresh=True,
              document={"article_id": "indexed-before-restart", "title": "old"})
     assert indexed_ids(es, es_settings.articles_alias, ["indexed-before-restart", "new"]) == {"indexed-before-restart"}
-    articles = [{"article_id": "new", "title": "first"}, {"article_id": "new", "title": "again"},
-                {"article_id": "indexed-before-restart", "title": "old"}, {"article_id": "other", "title": "x"}]
+    articles = [Article(article_id="new", title="first"), Article(article_id="new", title="again"),
+                Article(article_id="indexed-before-restart", title="old"), Article(article_id="other", title="x")]
     with TestPipeline() as pipeline:
         unique = pipeline | beam.Create(articles) | DedupeArticles(es_settings)
-        assert_that(unique | beam.Map(lambda a: a["article_id"]), equal_to(["new", "other"]))
+        assert_that(unique | beam.Map(lambda a: a.article_id), equal_to(["new", "other"]))

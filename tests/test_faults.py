@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from newsbeam.transforms import clock
+from newsbeam.transforms.article import Article
 from tests.support.cli import newsbeam, start_newsbeam
 from tests.support.config import write_config
 from tests.support.faultproxy import FaultProxy
@@ -106,9 +107,9 @@ class FlakyClientFactory:
         return FailingBulkClient(connect(settings, check=False), self.reject_ids, self.times)
 
 
-def articles(n: int, bad: set[int] = frozenset()) -> list[dict]:
-    return [{"article_id": f"a{i}", "url": f"https://wire.example.org/{i}", "title": f"story {i}",
-             "published_at": "not a date" if i in bad else "2020-05-21T14:05:00Z"} for i in range(n)]
+def articles(n: int, bad: set[int] = frozenset()) -> list[Article]:
+    return [Article(article_id=f"a{i}", url=f"https://wire.example.org/{i}", title=f"story {i}",
+                    published_at="not a date" if i in bad else "2020-05-21T14:05:00Z") for i in range(n)]
 
 
 def run_index(settings, docs, client_factory=None):
@@ -132,7 +133,7 @@ def run_index(settings, docs, client_factory=None):
 
 def test_30_percent_429s_are_retried_and_nothing_is_lost(es, es_settings):
     docs = articles(200)
-    rejected = {d["article_id"] for d in docs[::3]}  # 67 of 200
+    rejected = {d.article_id for d in docs[::3]}  # 67 of 200
     counters = run_index(es_settings, docs, FlakyClientFactory(rejected, times=2))
     es.indices.refresh(index=[es_settings.articles_alias, es_settings.deadletter_index])
     assert es.count(index=es_settings.articles_alias)["count"] == 200

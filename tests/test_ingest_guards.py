@@ -205,14 +205,14 @@ def test_wrong_and_missing_charsets_still_parse(server, session):
     url = server.route("/cp1252.xml", respond(200, latin.replace(b' encoding="ISO-8859-1"', b""),
                                               {"Content-Type": "text/xml; charset=windows-1252"}))
     (article,) = read_feed(fetch(session, Feed(url=url), GUARDED), 10).articles
-    assert article["title"] == "Café in Zürich"
+    assert article.title == "Café in Zürich"
 
 
 def test_broken_xml_is_salvaged_or_reported(server, session):
     truncated = FEED[:FEED.index(b"</item>")]
     url = server.route("/truncated.xml", respond(200, truncated, {"Content-Type": "application/rss+xml"}))
     parsed = read_feed(fetch(session, Feed(url=url), GUARDED), 10)
-    assert not parsed.problem and parsed.articles[0]["title"] == "Floods in the north"  # the loose parser
+    assert not parsed.problem and parsed.articles[0].title == "Floods in the north"  # the loose parser
     url = server.route("/garbage.xml", respond(200, b"\x00\xff<<<>>>&&&", {"Content-Type": "text/xml"}))
     parsed = read_feed(fetch(session, Feed(url=url), GUARDED), 10)
     assert parsed.articles == [] and parsed.problem and parsed.reason == "unparseable_feed"
@@ -247,7 +247,7 @@ def test_items_and_text_are_capped(server, session):
     parsed = read_feed(fetch(session, Feed(url=url), dataclasses.replace(GUARDED, max_bytes=2_000_000)), 25,
                        max_entry_chars=1000)
     assert len(parsed.articles) == 25
-    assert all(len(a["content_html"]) <= 1000 for a in parsed.articles)
+    assert all(len(a.content_html) <= 1000 for a in parsed.articles)
 
 
 def test_every_fetch_failure_is_a_dead_letter_and_a_health_update(server, session):
@@ -284,9 +284,9 @@ def test_only_items_new_since_the_last_parse_go_downstream(server, session):
                                                          {"Content-Type": "application/rss+xml"})))
     state, articles, _ = apply_outcome(FeedState(url=feed.url), feed, poll_one(session, feed, None, None, None, GUARDED),
                                        300, GUARDED)
-    assert [a["title"] for a in articles] == ["Story 1", "Story 2"]
+    assert [a.title for a in articles] == ["Story 1", "Story 2"]
     server.route("/growing.xml", respond(200, rss([item(3), item(1), item(2)]), {"Content-Type": "application/rss+xml"}))
     state, articles, _ = apply_outcome(state, feed, poll_one(session, feed, None, None, state.body_hash, GUARDED),
                                        300, GUARDED)
-    assert [a["title"] for a in articles] == ["Story 3"]
+    assert [a.title for a in articles] == ["Story 3"]
     assert state.items_seen == 3

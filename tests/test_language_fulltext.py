@@ -2,7 +2,10 @@
 pages (through the same guarded client, against a real server on loopback)."""
 from __future__ import annotations
 
+import dataclasses
+
 from newsbeam.pipeline.config import Feed, FetchSettings, NlpSettings
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.entities import tag_entities
 from newsbeam.transforms.fetch import new_session
 from newsbeam.transforms.fulltext import fetch_full_text
@@ -35,15 +38,15 @@ def test_only_languages_the_model_reads_go_to_ner(nlp):
     fn = DetectLanguageFn(frozenset({"en"}))
     fn.setup()
     german, english, stated = (next(iter(fn.process(article))) for article in (
-        {"title": "Beatmungsgeräte für Italien", "body": GERMAN},
-        {"title": "Ventilators for Italy", "body": ENGLISH},
-        {"title": "Beatmungsgeräte", "body": GERMAN, "language": "fr"}))
-    assert (german["language"], german["nlp_skipped"]) == ("de", True)
-    assert (english["language"], english["nlp_skipped"]) == ("en", False)
-    assert stated["language"] == "fr" and stated["nlp_skipped"]  # the feed's word is kept
+        Article(title="Beatmungsgeräte für Italien", body=GERMAN),
+        Article(title="Ventilators for Italy", body=ENGLISH),
+        Article(title="Beatmungsgeräte", body=GERMAN, language="fr")))
+    assert (german.language, german.nlp_skipped) == ("de", True)
+    assert (english.language, english.nlp_skipped) == ("en", False)
+    assert stated.language == "fr" and stated.nlp_skipped  # the feed's word is kept
     tagged_de, tagged_en = tag_entities(nlp, [german, english], NlpSettings())
-    assert tagged_de["entities"] == [] and tagged_de["lemmas"] == "" and tagged_de["language"] == "de"
-    assert "Angela Merkel" in tagged_en["persons"]
+    assert tagged_de.entities == () and tagged_de.lemmas == "" and tagged_de.language == "de"
+    assert "Angela Merkel" in tagged_en.persons
 
 
 PAGE = ("<html><head><title>Ventilators</title></head><body><nav>Home | World | Sport</nav><article>"
@@ -60,14 +63,15 @@ def test_full_text_is_extracted_from_the_article_page():
         feed = Feed(url=server.url("/feed.xml"), full_text=True)
         session = new_session(SETTINGS)
         try:
-            teaser = {"url": url, "summary_html": "U.S. sends ventilators.", "content_html": "", "body_source": "feed"}
-            full = fetch_full_text(session, feed, teaser, SETTINGS)
-            assert full["body_source"] == "extracted" and "_full_text_error" not in full
-            assert "arrived in Moscow" in full["content_html"] and "Cookie settings" not in full["content_html"]
+            teaser = Article(url=url, summary_html="U.S. sends ventilators.", content_html="", body_source="feed")
+            full, error = fetch_full_text(session, feed, teaser, SETTINGS)
+            assert full.body_source == "extracted" and error == ""
+            assert "arrived in Moscow" in full.content_html and "Cookie settings" not in full.content_html
             assert server.requests[-1][1]["Accept"].startswith("text/html")
             # Failures keep the feed's text: a missing page, a redirect to a file.
             for path, behaviour in (("/gone.html", respond(404, b"gone")), ("/evil.html", redirect("file:///etc/passwd"))):
-                kept = fetch_full_text(session, feed, {**teaser, "url": server.route(path, behaviour)}, SETTINGS)
-                assert kept["body_source"] == "feed" and kept["_full_text_error"]
+                kept, error = fetch_full_text(session, feed, dataclasses.replace(teaser, url=server.route(path, behaviour)),
+                                              SETTINGS)
+                assert kept.body_source == "feed" and error
         finally:
             session.close()

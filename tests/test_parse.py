@@ -37,15 +37,15 @@ def test_parse_feed_extracts_articles():
     articles, problem = parse(result(rss([fixture], title="Example Wire")), max_items=10)
     assert problem is None
     (article,) = articles
-    assert article["title"] == fixture["title"]
-    assert article["url"] == fixture["link"]
-    assert article["article_id"] == article_id(fixture["link"])
-    assert article["published_at"] == "2020-05-21T14:05:00Z"
-    assert article["publisher"] == "Example Wire"
-    assert article["source"] == "news.example.org"
-    assert article["language"] == "en"
-    assert "<script" not in article["content_html"]  # feedparser's sanitiser dropped it
-    assert "ventilators to Russia" in article["content_html"]
+    assert article.title == fixture["title"]
+    assert article.url == fixture["link"]
+    assert article.article_id == article_id(fixture["link"])
+    assert article.published_at == "2020-05-21T14:05:00Z"
+    assert article.publisher == "Example Wire"
+    assert article.source == "news.example.org"
+    assert article.language == "en"
+    assert "<script" not in article.content_html  # feedparser's sanitiser dropped it
+    assert "ventilators to Russia" in article.content_html
 
 
 def test_placeholder_and_far_future_dates_are_dropped_not_sent_to_elasticsearch():
@@ -56,7 +56,7 @@ def test_placeholder_and_far_future_dates_are_dropped_not_sent_to_elasticsearch(
                                              "Fri, 01 Jan 2100 00:00:00 GMT", "Thu, 21 May 2020 14:05:00 GMT"])]
     articles, problem = parse(result(rss(items)), max_items=10)
     assert problem is None
-    assert [a["published_at"] for a in articles] == [None, None, None, "2020-05-21T14:05:00Z"]
+    assert [a.published_at for a in articles] == [None, None, None, "2020-05-21T14:05:00Z"]
 
 
 def test_parse_feed_caps_items():
@@ -84,9 +84,9 @@ def test_parse_feed_reads_atom():
 <entry><title>Un titre</title><link href="https://example.fr/a1"/><id>urn:a1</id>
 <updated>2021-03-04T05:06:07+02:00</updated><content type="html">&lt;p&gt;Texte&lt;/p&gt;</content></entry></feed>"""
     (article,), _ = parse(result(atom), max_items=10)
-    assert article["url"] == "https://example.fr/a1"
-    assert article["published_at"] == "2021-03-04T03:06:07Z"
-    assert article["language"] == "fr"
+    assert article.url == "https://example.fr/a1"
+    assert article.published_at == "2021-03-04T03:06:07Z"
+    assert article.language == "fr"
 
 
 def test_parse_feed_never_fetches_a_url_it_is_given_as_the_body(feed_server):
@@ -102,6 +102,6 @@ def test_fetched_at_is_kept_to_the_millisecond():
     fixture = fixture_articles()["ventilators"]
     fetched = dataclasses.replace(result(rss([fixture])), fetched_at=1_800_000_000.25)
     articles, _ = parse(fetched, max_items=10)
-    assert articles[0]["fetched_at"] == "2027-01-15T08:00:00.250Z"
-    assert clock.epoch(articles[0]["fetched_at"]) == 1_800_000_000.25
+    assert articles[0].fetched_at == "2027-01-15T08:00:00.250Z"
+    assert clock.epoch(articles[0].fetched_at) == 1_800_000_000.25
     assert clock.epoch("2027-01-15T08:00:00Z") == 1_800_000_000.0  # documents of earlier releases

@@ -1,4 +1,5 @@
 """The enrichment and indexing stages in a TestPipeline, writing to the real Elasticsearch."""
+import dataclasses
 import json
 import time
 
@@ -8,6 +9,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from newsbeam.pipeline.build import enrich
 from newsbeam.pipeline.config import Feed
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.deadletter import DEAD
 from newsbeam.transforms.elastic import IndexArticles, WriteDeadLetters, connect, ensure_indices
 from newsbeam.transforms.fetch import FetchResult
@@ -78,19 +80,20 @@ def test_tag_runs_the_pipelines_enrich_chain_language_routing_included(es, setti
     ensure_indices(client, settings.elasticsearch)
     fixtures = fixture_articles()
     parsed = safe_read_feed(fetched([fixtures["ventilators"], fixtures["floods"], GERMAN]), 500, 200_000).articles
-    parsed = [{key: value for key, value in article.items() if key != "language"} for article in parsed]
+    parsed = [dataclasses.replace(article, language=None) for article in parsed]
     taxonomy = Taxonomy.load(settings.topics_file)
     compared = (*OUTPUT_FIELDS, "body", "lemmas")
 
-    def fields(article: dict) -> tuple[str, str]:
-        return article["article_id"], json.dumps({key: article.get(key) for key in compared}, sort_keys=True)
+    def fields(article: Article) -> tuple[str, str]:
+        document = article.to_document()
+        return article.article_id, json.dumps({key: document.get(key) for key in compared}, sort_keys=True)
 
     offline = Tagger(nlp, taxonomy, settings).tag_articles(parsed)
     by_id = dict(fields(article) for article in offline)
-    assert json.loads(by_id[parsed[2]["article_id"]])["language"] == "de"
-    assert json.loads(by_id[parsed[2]["article_id"]])["nlp_skipped"] is True
-    assert json.loads(by_id[parsed[0]["article_id"]])["language"] == "en"
-    assert "medical equipment aid" in json.loads(by_id[parsed[0]["article_id"]])["topics"]
+    assert json.loads(by_id[parsed[2].article_id])["language"] == "de"
+    assert json.loads(by_id[parsed[2].article_id])["nlp_skipped"] is True
+    assert json.loads(by_id[parsed[0].article_id])["language"] == "en"
+    assert "medical equipment aid" in json.loads(by_id[parsed[0].article_id])["topics"]
     with TestPipeline() as p:
         enriched, _ = enrich(p | beam.Create(parsed), settings, taxonomy)
         assert_that(enriched | beam.Map(fields), equal_to(list(by_id.items())), label="SameAsTag")

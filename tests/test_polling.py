@@ -10,6 +10,7 @@ import pytest
 from apache_beam.utils.timestamp import Timestamp
 
 from newsbeam.pipeline.config import ConfigError, Feed, FetchSettings, load_feeds, load_settings
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.feedstate import FeedState, max_age, on_failure, on_success
 from newsbeam.transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
 from newsbeam.transforms.parse import parse_document, refresh_hint
@@ -150,7 +151,7 @@ def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settin
         try:
             state = _State()
             first = list(fn.process((0, (slow, fast)), tick=Timestamp.now(), states=state, backlog_state=_State()))
-            assert [a["title"] for a in first if isinstance(a, dict)] == ["Fast news"]
+            assert [a.title for a in first if isinstance(a, Article)] == ["Fast news"]
             assert slow.url in fn._in_flight  # the bundle did not wait for the stalled host
             wait_until(lambda: fn._in_flight[slow.url][0].done(), 60, "the stalled fetch to time out")
             fn.start_bundle()
@@ -180,7 +181,7 @@ def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es
             for _ in range(6):
                 fn.start_bundle()
                 out = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
-                emitted.append([a["title"] for a in out if isinstance(a, dict)])
+                emitted.append([a.title for a in out if isinstance(a, Article)])
             sizes = [len(batch) for batch in emitted]
             assert sizes[0] == 8  # the first budget: 64 per tick over 8 shards
             assert sizes[1] == 11  # ticks on time and the budget used up: it grows (8 * 1.25 + 1)
@@ -203,7 +204,7 @@ def test_the_last_tick_of_a_bounded_run_hands_over_the_whole_backlog(es_settings
             fn.start_bundle()
             backlog = _State()
             out = list(fn.process((0, (feed,)), tick=Timestamp.of(now), states=_State(), backlog_state=backlog))
-            assert len([a for a in out if isinstance(a, dict)]) == 40  # not the first budget of 8
+            assert len([a for a in out if isinstance(a, Article)]) == 40  # not the first budget of 8
             assert backlog.value == []
         finally:
             fn.teardown()

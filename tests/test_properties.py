@@ -4,6 +4,7 @@ rule it can print; URL canonicalisation is idempotent and drops tracking paramet
 never emits markup or script text and never grows the text."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from urllib.parse import parse_qsl, urlsplit
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from newsbeam.transforms.article import Article, Entity
 from newsbeam.transforms.clean import html_to_text
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from newsbeam.transforms.parse import _TRACKING_PARAMS, canonical_url
@@ -73,20 +75,20 @@ def render(node) -> str:
 
 
 def _entity_lists(draw) -> dict:
-    people = draw(st.lists(st.sampled_from(PEOPLE), unique=True, max_size=2))
-    places = draw(st.lists(st.sampled_from(PLACES), unique=True, max_size=2))
-    orgs = draw(st.lists(st.sampled_from(ORGS), unique=True, max_size=2))
-    entities = [{"name": n, "label": label, "text": n, "count": 1}
-                for label, names in (("PERSON", people), ("GPE", places), ("ORG", orgs)) for n in names]
+    people = tuple(draw(st.lists(st.sampled_from(PEOPLE), unique=True, max_size=2)))
+    places = tuple(draw(st.lists(st.sampled_from(PLACES), unique=True, max_size=2)))
+    orgs = tuple(draw(st.lists(st.sampled_from(ORGS), unique=True, max_size=2)))
+    entities = tuple(Entity(n, label, n, 1)
+                     for label, names in (("PERSON", people), ("GPE", places), ("ORG", orgs)) for n in names)
     return {"persons": people, "locations": places, "organizations": orgs, "entities": entities}
 
 
 @st.composite
-def articles(draw) -> dict:
-    return {"lemmas": " ".join(draw(st.lists(st.sampled_from(WORDS), max_size=12))),
-            "topics": draw(st.lists(st.sampled_from(TOPICS), unique=True, max_size=2)),
-            "source": draw(st.sampled_from(SOURCES)), "language": draw(st.sampled_from(["en", "de"])),
-            **_entity_lists(draw)}
+def articles(draw) -> Article:
+    return Article(lemmas=" ".join(draw(st.lists(st.sampled_from(WORDS), max_size=12))),
+                   topics=tuple(draw(st.lists(st.sampled_from(TOPICS), unique=True, max_size=2))),
+                   source=draw(st.sampled_from(SOURCES)), language=draw(st.sampled_from(["en", "de"])),
+                   **_entity_lists(draw))
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +106,13 @@ def property_index(es_url):
 def test_random_rules_select_the_same_articles_in_the_stream_and_in_elasticsearch(property_index, tree, batch):
     client, alias = property_index
     run = uuid.uuid4().hex  # one example's articles, told apart from the others' by feed_url
-    docs = [{**a, "article_id": f"{run}-{i}", "feed_url": run, "title": "t", "indexed_at": "2026-01-01T00:00:00Z"}
+    docs = [dataclasses.replace(a, article_id=f"{run}-{i}", feed_url=run, title="t", indexed_at="2026-01-01T00:00:00Z")
             for i, a in enumerate(batch)]
-    assert {outcome for outcome, _ in BulkWriter(client, alias, "article_id").write(docs)} == {"written"}
+    written = BulkWriter(client, alias, "article_id").write([d.to_document() for d in docs])
+    assert {outcome for outcome, _ in written} == {"written"}
     client.indices.refresh(index=alias)
     resolved = resolve(tree, analyze)  # the query's plain tokens stand in for spaCy's lemmas
-    in_stream = {d["article_id"] for d in docs if match(resolved, d) is not None}
+    in_stream = {d.article_id for d in docs if match(resolved, d) is not None}
     hits = client.search(index=alias, size=len(docs), source_includes=["article_id"], query={"bool": {
         "filter": [{"term": {"feed_url": run}}, to_elasticsearch(resolved)]}})["hits"]["hits"]
     assert {hit["_source"]["article_id"] for hit in hits} == in_stream, render(tree)

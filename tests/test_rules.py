@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
 from newsbeam.transforms.rules import (
     And,
@@ -106,8 +107,8 @@ def test_the_analyzer_tokenizes_like_the_standard_analyzer(es, nlp):
     samples = ["u.s. 1,000 ventilator covid-19 's o'brien a:b 3.5 a.1 foo_bar 12:30 x.y.z ’s it‘s don’t e-mail "
                "東京都 café naïve 1.2.3 3½ m² ©2020 ⭐ ► ● 😷 #tag @user $100 50% 2020-05-21"]
     tagger = Tagger(nlp, Taxonomy.load(REPO / "configs" / "topics.yaml"), _settings())
-    samples += [article["lemmas"] for article in tagger.tag_articles(
-        [{"title": a["title"], "content_html": a["html"]} for a in _fixture_items()])]
+    samples += [article.lemmas for article in tagger.tag_articles(
+        [Article(title=a["title"], content_html=a["html"]) for a in _fixture_items()])]
     for text in samples:
         expected = tuple(t["token"] for t in es.indices.analyze(analyzer="standard", text=text)["tokens"])
         assert analyze(text) == expected
@@ -133,15 +134,15 @@ def _fixture_items() -> list[dict]:
 def corpus(nlp, es, settings):
     """The fixture articles enriched by the pipeline's own functions and indexed."""
     tagger = Tagger(nlp, Taxonomy.load(settings.topics_file), settings)
-    raw = [{"article_id": item["key"], "url": item["link"], "title": item["title"], "content_html": item["html"],
-            "source": urlsplit(item["link"]).hostname, "language": item.get("language", "en"),
-            "nlp_skipped": item.get("language", "en") != "en"} for item in _fixture_items()]
+    raw = [Article(article_id=item["key"], url=item["link"], title=item["title"], content_html=item["html"],
+                   source=urlsplit(item["link"]).hostname, language=item.get("language", "en"),
+                   nlp_skipped=item.get("language", "en") != "en") for item in _fixture_items()]
     articles = tagger.tag_articles(raw)
     client = connect(settings.elasticsearch)
     ensure_indices(client, settings.elasticsearch)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     outcomes = BulkWriter(client, settings.elasticsearch.articles_alias, "article_id").write(
-        [{**a, "indexed_at": stamp} for a in articles])
+        [{**a.to_document(), "indexed_at": stamp} for a in articles])
     assert {outcome for outcome, _ in outcomes} == {"written"}
     es.indices.refresh(index=settings.elasticsearch.articles_alias)
     return articles
@@ -179,7 +180,7 @@ def test_stream_matcher_and_backfill_query_agree(corpus, es, settings, nlp):
     lemmatize = spacy_lemmatizer(nlp)
     for query, expected in RULES.items():
         compiled = compile_rule(Rule("consistency", query), lemmatize)
-        in_stream = {a["article_id"] for a in corpus if match(compiled.tree, a) is not None}
+        in_stream = {a.article_id for a in corpus if match(compiled.tree, a) is not None}
         hits = es.search(index=settings.elasticsearch.articles_alias, query=compiled.es_query(), size=100,
                          source_includes=["article_id"])["hits"]["hits"]
         backfill = {hit["_source"]["article_id"] for hit in hits}
@@ -187,10 +188,10 @@ def test_stream_matcher_and_backfill_query_agree(corpus, es, settings, nlp):
 
 
 def test_a_match_reports_its_terms(corpus, nlp):
-    article = next(a for a in corpus if a["article_id"] == "reuters-ventilators")
+    article = next(a for a in corpus if a.article_id == "reuters-ventilators")
     tree = resolve(parse_query('(ventilators OR gowns) AND entity:Russia AND NOT sport'), spacy_lemmatizer(nlp))
     assert [node.label() for node in match(tree, article)] == ["ventilators", "entity:Russia"]
-    assert match(tree, next(a for a in corpus if a["article_id"] == "football")) is None
+    assert match(tree, next(a for a in corpus if a.article_id == "football")) is None
 
 
 def _nested(n: int, pattern: str) -> str:
@@ -210,7 +211,7 @@ def test_the_deepest_accepted_rule_runs_in_both_back_ends(pattern, corpus, es, s
     # With filters (one more AND, an OR) and a --since window (one more bool): all that wraps a query.
     rule = Rule("deepest", _nested(MAX_NESTING, pattern), sources=("reuters.com", "example.org"))
     compiled = compile_rule(rule, spacy_lemmatizer(nlp))
-    in_stream = {a["article_id"] for a in corpus if compiled.match(ArticleView(a)) is not None}
+    in_stream = {a.article_id for a in corpus if compiled.match(ArticleView(a)) is not None}
     hits = es.search(index=settings.elasticsearch.articles_alias, query=backfill_query(compiled.es_query(), "3650d"),
                      size=100, source_includes=["article_id"])["hits"]["hits"]
     assert in_stream and in_stream == {hit["_source"]["article_id"] for hit in hits}
@@ -220,10 +221,10 @@ def test_the_deepest_accepted_rule_runs_in_both_back_ends(pattern, corpus, es, s
 
 def test_the_largest_accepted_rule_runs_in_both_back_ends(corpus, es, settings, nlp):
     from newsbeam.transforms.rules import MAX_TERMS
-    words = sorted({token for a in corpus for token in analyze(a["lemmas"]) if token.isalpha()})[:MAX_TERMS - 2]
+    words = sorted({token for a in corpus for token in analyze(a.lemmas) if token.isalpha()})[:MAX_TERMS - 2]
     rule = Rule("largest", " OR ".join(words), languages=("en", "de"))
     compiled = compile_rule(rule, spacy_lemmatizer(nlp))
-    in_stream = {a["article_id"] for a in corpus if compiled.match(ArticleView(a)) is not None}
+    in_stream = {a.article_id for a in corpus if compiled.match(ArticleView(a)) is not None}
     hits = es.search(index=settings.elasticsearch.articles_alias, query=compiled.es_query(), size=100,
                      source_includes=["article_id"])["hits"]["hits"]
     assert in_stream and in_stream == {hit["_source"]["article_id"] for hit in hits}
@@ -282,7 +283,7 @@ def test_a_query_is_either_refused_clearly_or_runs_in_both_back_ends(query, es, 
     except RuleSyntaxError:
         return  # one clear error: malformed, too deep or too large
     compiled = compile_rule(rule, analyze)
-    article = {"lemmas": "mask ventilator medical equipment", "persons": ["Vladimir Putin"], "source": "reuters.com"}
+    article = Article(lemmas="mask ventilator medical equipment", persons=("Vladimir Putin",), source="reuters.com")
     compiled.match(ArticleView(article))  # no RecursionError
     # Elasticsearch parses the whole query (and refuses one too deep with HTTP 400) even over no index.
     es.count(index=f"{es_settings.articles_alias}-none*", query=backfill_query(compiled.es_query(), "7d"),

@@ -2,6 +2,7 @@
 import pytest
 
 from newsbeam.pipeline.config import ConfigError, NlpSettings, load_settings
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import (
     entities_from_mentions,
@@ -29,7 +30,7 @@ def _entities(doc):
 
 def tagged(nlp, taxonomy, key):
     fixture = fixture_articles()[key]
-    article = clean_article({"title": fixture["title"], "content_html": fixture["html"], "summary_html": ""})
+    article = clean_article(Article(title=fixture["title"], content_html=fixture["html"], summary_html=""))
     (article,) = tag_entities(nlp, [article], NlpSettings())
     return tag_topics(taxonomy, article)
 
@@ -42,28 +43,28 @@ def test_default_taxonomy_has_at_least_15_topics(taxonomy):
 
 def test_ventilator_story_gets_canonical_entities_and_topic(nlp, taxonomy):
     article = tagged(nlp, taxonomy, "ventilators")
-    assert {"Donald Trump", "Vladimir Putin"} <= set(article["persons"])
-    assert "Trump" not in article["persons"] and "Putin" not in article["persons"]
-    assert {"Russia", "United States"} <= set(article["locations"])
-    assert "U.S." not in article["locations"]
-    assert "medical equipment aid" in article["topics"]
-    evidence = next(e for e in article["topic_evidence"] if e["topic"] == "medical equipment aid")
-    assert any(reason.startswith("near:") for reason in evidence["evidence"])
-    by_name = {e["name"]: e for e in article["entities"]}
-    assert by_name["Donald Trump"]["label"] == "PERSON"
-    assert by_name["Donald Trump"]["count"] >= 3  # "Trump" mentions folded into the full name
-    assert "ventilator" in article["lemmas"].split()
+    assert {"Donald Trump", "Vladimir Putin"} <= set(article.persons)
+    assert "Trump" not in article.persons and "Putin" not in article.persons
+    assert {"Russia", "United States"} <= set(article.locations)
+    assert "U.S." not in article.locations
+    assert "medical equipment aid" in article.topics
+    evidence = next(e for e in article.topic_evidence if e.topic == "medical equipment aid")
+    assert any(reason.startswith("near:") for reason in evidence.evidence)
+    by_name = {e.name: e for e in article.entities}
+    assert by_name["Donald Trump"].label == "PERSON"
+    assert by_name["Donald Trump"].count >= 3  # "Trump" mentions folded into the full name
+    assert "ventilator" in article.lemmas.split()
 
 
 def test_other_stories_get_their_topics_and_not_the_aid_topic(nlp, taxonomy):
     floods = tagged(nlp, taxonomy, "floods")
-    assert "natural disasters" in floods["topics"]
-    assert "medical equipment aid" not in floods["topics"]
+    assert "natural disasters" in floods.topics
+    assert "medical equipment aid" not in floods.topics
     election = tagged(nlp, taxonomy, "election")
-    assert "elections" in election["topics"]
+    assert "elections" in election.topics
     chips = tagged(nlp, taxonomy, "chips")
-    assert "technology" in chips["topics"]
-    assert chips["topics"] == ["technology"]
+    assert "technology" in chips.topics
+    assert chips.topics == ("technology",)
 
 
 def test_strip_mention_removes_titles_possessives_and_articles():
@@ -76,7 +77,7 @@ def test_canonical_entities_unify_country_variants_and_drop_non_names(nlp):
     doc = nlp("The U.S. and the United States of America are one country. The US said COVID-19 spread. "
               "Fox News host Sean Hannity spoke.")
     entities = _entities(doc)
-    names = {e["name"]: e["label"] for e in entities}
+    names = {e.name: e.label for e in entities}
     assert names.get("United States") == "GPE"
     assert not {"U.S.", "US", "COVID-19"} & set(names)
     assert names.get("Sean Hannity") == "PERSON"
@@ -111,24 +112,24 @@ def test_truecasing_keeps_offsets_and_uses_the_articles_own_spelling():
 
 
 def test_shouted_headline_entities_are_found(nlp):
-    (article,) = tag_entities(nlp, [{"title": "TRUMP PROMISES PUTIN VENTILATORS FOR RUSSIA",
-                                     "body": "President Donald Trump told Vladimir Putin that Russia would get "
-                                             "ventilators."}], NlpSettings())
-    assert {"Donald Trump", "Vladimir Putin"} <= set(article["persons"])
-    assert "Russia" in article["locations"]
+    (article,) = tag_entities(nlp, [Article(title="TRUMP PROMISES PUTIN VENTILATORS FOR RUSSIA",
+                                            body="President Donald Trump told Vladimir Putin that Russia would get "
+                                                 "ventilators.")], NlpSettings())
+    assert {"Donald Trump", "Vladimir Putin"} <= set(article.persons)
+    assert "Russia" in article.locations
     # The headline is the first line of the lemmas, true-cased before lemmatising.
-    assert article["lemmas"].split("\n")[0] == "trump promise putin ventilator for russia"
+    assert article.lemmas.split("\n")[0] == "trump promise putin ventilator for russia"
 
 
 def test_mentions_are_spans_without_titles_or_possessives(nlp):
-    (article,) = tag_entities(nlp, [{"title": "", "body": "President Donald Trump's call with the U.S. envoy."}],
+    (article,) = tag_entities(nlp, [Article(title="", body="President Donald Trump's call with the U.S. envoy.")],
                               NlpSettings(), with_mentions=True)
-    by_name = {m["name"]: m for m in article["mentions"]}
+    by_name = {m["name"]: m for m in article.mentions}
     trump = by_name["Donald Trump"]
     assert (trump["text"], trump["label"]) == ("Donald Trump", "PERSON")
-    assert article["body"][trump["start"]:trump["end"]] == "Donald Trump"
+    assert article.body[trump["start"]:trump["end"]] == "Donald Trump"
     us = by_name["United States"]
-    assert article["body"][us["start"]:us["end"]] == "U.S."
+    assert article.body[us["start"]:us["end"]] == "U.S."
 
 
 def test_gazetteer_names_are_tagged_under_their_canonical_name(tmp_path):
@@ -138,8 +139,8 @@ def test_gazetteer_names_are_tagged_under_their_canonical_name(tmp_path):
     nlp = load_model(gazetteer=gazetteer)
     assert nlp.pipe_names.index("gazetteer") < nlp.pipe_names.index("ner")
     entities = _entities(nlp("MSF flew tents to Haiti. Doctors Without Borders said more would follow."))
-    msf = next(e for e in entities if e["name"] == "Médecins Sans Frontières")
-    assert (msf["label"], msf["count"]) == ("ORG", 2)
+    msf = next(e for e in entities if e.name == "Médecins Sans Frontières")
+    assert (msf.label, msf.count) == ("ORG", 2)
 
 
 def test_gazetteer_errors_name_the_problem(tmp_path):
@@ -177,7 +178,7 @@ PASSAGE_TOPIC = """topics:
 def aid_score(tmp_path, title: str, lemmas: str):
     path = tmp_path / "topics.yaml"
     path.write_text(PASSAGE_TOPIC)
-    (score,) = score_article(Taxonomy.load(path), {"title": title, "lemmas": lemmas, "entities": []})
+    (score,) = score_article(Taxonomy.load(path), Article(title=title, lemmas=lemmas))
     return score
 
 
@@ -207,7 +208,7 @@ def test_near_rule_terms_must_be_on_different_words(tmp_path):
     taxonomy = Taxonomy.load(path)
 
     def evidence(lemmas):
-        (score,) = score_article(taxonomy, {"title": "", "lemmas": lemmas, "entities": []})
+        (score,) = score_article(taxonomy, Article(title="", lemmas=lemmas))
         return score.evidence
 
     assert evidence("a medical aid team arrive") == ()  # "aid" is part of "medical aid"
@@ -229,8 +230,8 @@ def test_taxonomy_rejects_bad_scope_and_flags(tmp_path):
 
 def test_aid_topic_ignores_look_alikes(nlp, taxonomy):
     def topics(title, body):
-        (article,) = tag_entities(nlp, [{"title": title, "body": body}], NlpSettings())
-        return tag_topics(taxonomy, article)["topics"]
+        (article,) = tag_entities(nlp, [Article(title=title, body=body)], NlpSettings())
+        return tag_topics(taxonomy, article).topics
 
     assert "medical equipment aid" in topics(
         "Chinese Americans in Chicago donate 1 million surgical masks to first responders",
@@ -245,8 +246,8 @@ def test_aid_topic_ignores_look_alikes(nlp, taxonomy):
 
 def test_aid_topic_wants_medical_supplies_not_any_relief(nlp, taxonomy):
     def topics(message):
-        (article,) = tag_entities(nlp, [{"title": "", "body": message}], NlpSettings())
-        return tag_topics(taxonomy, article)["topics"]
+        (article,) = tag_entities(nlp, [Article(title="", body=message)], NlpSettings())
+        return tag_topics(taxonomy, article).topics
 
     # "power" here is a noun, not a look-alike's "power a ventilator".
     assert "medical equipment aid" in topics(

@@ -10,12 +10,13 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils import shared
 
 from newsbeam.pipeline.config import Feed, FetchSettings, NlpSettings
-from newsbeam.transforms.entities import TagEntitiesFn, nlp_text, tag_entities
+from newsbeam.transforms.article import Article
+from newsbeam.transforms.entities import TagEntitiesFn, tag_entities
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
 from newsbeam.transforms.parse import read_feed
 from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, gzipped, respond, stall, trickle_body
-from tests.test_workers import _articles, _run
+from tests.test_workers import _articles, _run, poisoned
 
 FEED = rss([{"title": "Floods in the north", "link": "https://news.example.org/floods", "html": "<p>Water.</p>"}])
 
@@ -23,14 +24,14 @@ PARENS = "(" * 16000
 
 
 def test_a_run_of_parentheses_reaches_the_tokenizer_cut_short_and_names_beside_it_are_tagged(nlp):
-    article = {"title": "Angela Merkel visits Paris",
-               "body": f"{PARENS} Angela Merkel met Emmanuel Macron in Paris. {'x' * 5000} {')' * 9000}"}
-    text = nlp_text(article, NlpSettings().max_chars)
+    article = Article(title="Angela Merkel visits Paris",
+                      body=f"{PARENS} Angela Merkel met Emmanuel Macron in Paris. {'x' * 5000} {')' * 9000}")
+    text = article.nlp_text(NlpSettings().max_chars)
     assert "(" * 9 not in text and ")" * 9 not in text  # runs cut to max_char_run
     assert max(len(word) for word in text.split()) <= NlpSettings().max_token_chars
     (tagged,) = tag_entities(nlp, [article], NlpSettings())
-    assert {"Angela Merkel", "Emmanuel Macron"} <= set(tagged["persons"])
-    assert "Paris" in tagged["locations"]
+    assert {"Angela Merkel", "Emmanuel Macron"} <= set(tagged.persons)
+    assert "Paris" in tagged.locations
 
 
 def test_an_article_past_the_ner_deadline_is_dead_lettered_alone_and_its_worker_replaced():
@@ -38,16 +39,15 @@ def test_an_article_past_the_ner_deadline_is_dead_lettered_alone_and_its_worker_
     settings = NlpSettings(processes=1, batch_size=8, article_timeout=1.5, max_char_run=10**9,
                            max_token_chars=10**9)
     articles = _articles()
-    articles.insert(1, {**articles[0], "title": "poison", "body": "(" * 40000, "article_id": "poison",
-                        "url": "poison"})
+    articles.insert(1, poisoned(articles[0], body="(" * 40000))
     fn = TagEntitiesFn(settings, shared.Shared())
     values, raw = _run(fn, articles)
     dead = [o.value.value for o in raw if isinstance(o, TaggedOutput)]
     assert [(d["stage"], d["article_id"], d["reason"]) for d in dead] == [
         ("entities", "poison", "nlp.article_timeout")]
     assert "1.5s" in dead[0]["error"] and "replaced" in dead[0]["error"]
-    tagged = [v.value["article_id"] for v in values if isinstance(v.value, dict) and "entities" in v.value]
-    assert tagged == [a["article_id"] for a in articles if a["article_id"] != "poison"]
+    tagged = [v.value.article_id for v in values if isinstance(v.value, Article)]
+    assert tagged == [a.article_id for a in articles if a.article_id != "poison"]
 
 
 # ---------------------------------------------------------------- fetch deadlines and cookies
@@ -111,7 +111,7 @@ def test_a_huge_feed_is_cut_to_its_first_items_before_feedparser_reads_it(monkey
 
     monkeypatch.setattr(parse.feedparser, "parse", measured)
     parsed = read_feed(result, 25)
-    assert [a["title"] for a in parsed.articles] == [f"t{i}" for i in range(25)] and not parsed.problem
+    assert [a.title for a in parsed.articles] == [f"t{i}" for i in range(25)] and not parsed.problem
     assert seen[-1] < 20_000  # 25 items and the document's closing tags, not 60,000 items
     # The byte budget: only whole items within the first 3,000 bytes.
     parsed = read_feed(result, 500, max_parse_bytes=3_000)
@@ -127,7 +127,7 @@ def test_a_bad_character_reference_costs_nothing_but_that_character():
     body = body.replace(b"<title>Beyond</title>", b"<title>Beyond &#x110000; &#99999999999;</title>")
     parsed = read_feed(_fetch_feed(body), 10)
     assert not parsed.problem
-    assert [a["title"] for a in parsed.articles] == [
+    assert [a.title for a in parsed.articles] == [
         "Before", "Surrogate \ufffd \ufffd", "Beyond \ufffd \ufffd", "After"]
 
 
@@ -145,29 +145,29 @@ def test_deeply_nested_html_is_read_as_text_without_the_html_parser(monkeypatch)
 
     monkeypatch.setattr(clean, "LexborHTMLParser", counted)
     deep = "<div>" * 40000 + "deep &amp; down" + "</div>" * 40000
-    cleaned = clean.clean_article({"title": "Nested", "content_html": deep, "summary_html": "<p>a</p><p>b</p>"})
-    assert cleaned["body"] == "deep & down"
+    cleaned = clean.clean_article(Article(title="Nested", content_html=deep, summary_html="<p>a</p><p>b</p>"))
+    assert cleaned.body == "deep & down"
     assert parsed == [len("<p>a</p>\n<p>b</p>\n")]  # only the shallow summary went through the parser
-    assert cleaned["summary"] == "a\nb"
+    assert cleaned.summary == "a\nb"
 
 
-def _full_text(settings: FetchSettings, page_behaviour) -> dict:
+def _full_text(settings: FetchSettings, page_behaviour) -> tuple[Article, float, int]:
+    """(the article FetchFullText returned, seconds it took, requests for the page)."""
     from newsbeam.transforms.fulltext import FetchFullTextFn
 
     with HostileServer() as server:
         feed = Feed(url=server.url("/feed.xml"), full_text=True)
-        article = {"feed_url": feed.url, "url": server.route("/page.html", page_behaviour),
-                   "content_html": "<p>feed text</p>"}
+        article = Article(feed_url=feed.url, url=server.route("/page.html", page_behaviour),
+                          content_html="<p>feed text</p>")
         fn = FetchFullTextFn((feed,), settings)
         fn.setup()
         try:
             started = time.monotonic()
             (result,) = next(iter(fn.handle_batch([article])))
-            result["_seconds"] = time.monotonic() - started
+            seconds = time.monotonic() - started
         finally:
             fn.teardown()
-        result["_hits"] = server.hits("/page.html")
-    return result
+        return result, seconds, server.hits("/page.html")
 
 
 def test_an_article_page_has_a_much_smaller_size_cap_than_a_feed(caplog):
@@ -175,17 +175,17 @@ def test_an_article_page_has_a_much_smaller_size_cap_than_a_feed(caplog):
     settings = FetchSettings(allow_private_addresses=True, max_page_bytes=1_000_000)
     assert len(page) < settings.max_decompressed_bytes  # a feed this size would be read
     with caplog.at_level("INFO", logger="newsbeam.transforms.fulltext"):
-        result = _full_text(settings, respond(200, gzipped(page), {"Content-Encoding": "gzip"}))
-    assert result["_hits"] == 1 and result["content_html"] == "<p>feed text</p>"
+        result, _, hits = _full_text(settings, respond(200, gzipped(page), {"Content-Encoding": "gzip"}))
+    assert hits == 1 and result.content_html == "<p>feed text</p>"
     assert "inflates beyond 1000000 bytes" in caplog.text
 
 
 def test_a_batch_of_pages_waits_no_longer_than_its_timeout(caplog):
     settings = FetchSettings(allow_private_addresses=True, total_timeout=30, read_timeout=30, full_text_timeout=1)
     with caplog.at_level("INFO", logger="newsbeam.transforms.fulltext"):
-        result = _full_text(settings, stall(8))
-    assert result["_hits"] == 1 and result["content_html"] == "<p>feed text</p>"
-    assert result["_seconds"] < 5 and "fetch.full_text_timeout (1s)" in caplog.text
+        result, seconds, hits = _full_text(settings, stall(8))
+    assert hits == 1 and result.content_html == "<p>feed text</p>"
+    assert seconds < 5 and "fetch.full_text_timeout (1s)" in caplog.text
 
 
 def test_a_feed_full_of_markup_skips_feedparser_s_html_passes_and_keeps_every_item(monkeypatch):
@@ -204,10 +204,10 @@ def test_a_feed_full_of_markup_skips_feedparser_s_html_passes_and_keeps_every_it
 
     monkeypatch.setattr(parse.feedparser, "parse", recorded)
     hostile = read_feed(_fetch_feed(rss(items)), 10)
-    assert [a["title"] for a in hostile.articles] == ["Before", "Nested", "After"]
+    assert [a.title for a in hostile.articles] == ["Before", "Nested", "After"]
     assert (calls[-1]["sanitize_html"], calls[-1]["resolve_relative_uris"]) == (False, False)
     from newsbeam.transforms.clean import clean_article
-    assert clean_article(hostile.articles[1])["body"] == "deep down in the tree"  # the script is still dropped, by CleanText
+    assert clean_article(hostile.articles[1]).body == "deep down in the tree"  # the script is still dropped, by CleanText
     read_feed(_fetch_feed(rss([items[0], items[2]])), 10)
     assert (calls[-1]["sanitize_html"], calls[-1]["resolve_relative_uris"]) == (True, True)  # ordinary feeds
 
@@ -245,4 +245,4 @@ def test_a_parse_past_its_deadline_costs_that_feed_and_the_next_feed_is_parsed(e
     assert health[heavy.url]["error_class"] == "fetch.parse_timeout"
     assert [(d["stage"], d["reason"], d["feed_url"]) for d in dead] == [("parse", "fetch.parse_timeout", heavy.url)]
     assert "1s" in dead[0]["error"]
-    assert [a["title"] for a in outputs if isinstance(a, dict)] == ["Light news"]
+    assert [a.title for a in outputs if isinstance(a, Article)] == ["Light news"]

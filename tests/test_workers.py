@@ -1,5 +1,6 @@
 """Worker processes for spaCy and feedparser (transforms/workers.py) and their use in the
 NER DoFn: same tags as in-process, and a worker that dies costs one dead letter, not a batch."""
+import dataclasses
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from newsbeam.pipeline.config import NlpSettings
 from newsbeam.transforms import timing
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import TagEntitiesFn
 from newsbeam.transforms.workers import WorkerPool
@@ -32,12 +34,17 @@ def test_a_pool_runs_in_order_and_survives_a_dead_worker():
         pool.shutdown()
 
 
-def _articles() -> list[dict]:
-    return [clean_article({"title": f["title"], "content_html": f["html"], "article_id": key, "url": key})
+def _articles() -> list[Article]:
+    return [clean_article(Article(title=f["title"], content_html=f["html"], article_id=key, url=key))
             for key, f in fixture_articles().items()]
 
 
-def _run(fn: TagEntitiesFn, articles: list[dict]) -> list:
+def poisoned(article: Article, **fields: str) -> Article:
+    """A copy of `article` that a test's worker or thread fails on."""
+    return dataclasses.replace(article, title="poison", article_id="poison", url="poison", **fields)
+
+
+def _run(fn: TagEntitiesFn, articles: list[Article]) -> list:
     fn.setup()
     try:
         fn.start_bundle()
@@ -55,9 +62,9 @@ def test_pooled_ner_tags_exactly_like_in_process_ner():
     articles = _articles()
     in_process, _ = _run(TagEntitiesFn(NlpSettings(processes=0), shared.Shared()), articles)
     pooled, _ = _run(TagEntitiesFn(NlpSettings(processes=2, batch_size=8), shared.Shared()), articles)
-    assert [a.value["article_id"] for a in pooled] == [a["article_id"] for a in articles]  # order kept
-    assert [a.value["entities"] for a in pooled] == [a.value["entities"] for a in in_process]
-    assert [a.value["lemmas"] for a in pooled] == [a.value["lemmas"] for a in in_process]
+    assert [a.value.article_id for a in pooled] == [a.article_id for a in articles]  # order kept
+    assert [a.value.entities for a in pooled] == [a.value.entities for a in in_process]
+    assert [a.value.lemmas for a in pooled] == [a.value.lemmas for a in in_process]
 
 
 class _PoisonedFn(TagEntitiesFn):
@@ -67,13 +74,13 @@ class _PoisonedFn(TagEntitiesFn):
 @pytest.mark.slow
 def test_an_article_that_kills_its_worker_is_a_dead_letter_and_the_batch_is_still_tagged():
     articles = _articles()
-    articles.insert(2, {**articles[0], "title": "poison", "article_id": "poison", "url": "poison"})
+    articles.insert(2, poisoned(articles[0]))
     values, raw = _run(_PoisonedFn(NlpSettings(processes=2, batch_size=8), shared.Shared()), articles)
     dead = [o.value.value for o in raw if isinstance(o, TaggedOutput)]
     assert [(d["stage"], d["article_id"]) for d in dead] == [("entities", "poison")]
     assert "BrokenProcessPool" in dead[0]["reason"]
-    tagged = [v.value for v in values if isinstance(v.value, dict) and "entities" in v.value]
-    assert sorted(a["article_id"] for a in tagged) == sorted(fixture_articles())
+    tagged = [v.value for v in values if isinstance(v.value, Article)]
+    assert sorted(a.article_id for a in tagged) == sorted(fixture_articles())
 
 
 def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead_letter(monkeypatch):
@@ -84,14 +91,14 @@ def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead
     def tag_or_raise(nlp, articles, settings):
         threads.add(threading.current_thread().name)
         intervals.add(sys.getswitchinterval())
-        if any(article["article_id"] == "poison" for article in articles):
+        if any(article.article_id == "poison" for article in articles):
             raise ValueError("cannot tag this")
         return real_tag(nlp, articles, settings)
 
     real_tag = entities.tag_entities
     monkeypatch.setattr(entities, "tag_entities", tag_or_raise)
     articles = _articles()
-    articles.insert(2, {**articles[0], "title": "poison", "article_id": "poison", "url": "poison"})
+    articles.insert(2, poisoned(articles[0]))
     before, interval = timing.snapshot(), sys.getswitchinterval()
     values, raw = _run(TagEntitiesFn(NlpSettings(processes=0, batch_size=8), shared.Shared()), articles)
     # while spaCy's thread runs it gets the GIL back sooner than the default 5 ms allow; not after
@@ -106,8 +113,8 @@ def test_in_process_ner_runs_on_a_thread_and_an_article_that_breaks_it_is_a_dead
     dead = [o.value.value for o in raw if isinstance(o, TaggedOutput)]
     assert [(d["stage"], d["article_id"], d["reason"], d["error"]) for d in dead] == [
         ("entities", "poison", "ValueError", "cannot tag this")]
-    tagged = [v.value["article_id"] for v in values if isinstance(v.value, dict) and "entities" in v.value]
-    assert tagged == [a["article_id"] for a in articles if a["article_id"] != "poison"]  # order kept
+    tagged = [v.value.article_id for v in values if isinstance(v.value, Article)]
+    assert tagged == [a.article_id for a in articles if a.article_id != "poison"]  # order kept
     assert threads and all(name.startswith("newsbeam-spacy") for name in threads)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from newsbeam.pipeline.config import NlpSettings
 from newsbeam.transforms import entities
+from newsbeam.transforms.article import Article
 
 
 def square(numbers: list[int]) -> list[int]:
@@ -16,8 +17,8 @@ def die(_: Any) -> None:
     os._exit(3)  # what a segfault in a C extension looks like to the pool
 
 
-def tag_or_die(articles: list[dict[str, Any]], settings: NlpSettings):
+def tag_or_die(articles: list[Article], settings: NlpSettings):
     """The real worker function, except that an article titled "poison" kills the process."""
-    if any(article.get("title") == "poison" for article in articles):
+    if any(article.title == "poison" for article in articles):
         os._exit(3)
     return entities._tag_in_worker(articles, settings)

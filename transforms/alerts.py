@@ -34,6 +34,7 @@ from apache_beam.utils import shared
 from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 
 from newsbeam.transforms import timing
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.clock import iso
 from newsbeam.transforms.deadletter import DEAD, failed, rejected
@@ -155,18 +156,17 @@ def snippet(text: str, words: list[str], width: int = 280) -> str:
     return ("…" if start else "") + body + ("…" if end < len(text) else "")
 
 
-def build_alert(rule: Rule, article: dict[str, Any], hits: list[Node], now: float) -> dict[str, Any]:
+def build_alert(rule: Rule, article: Article, hits: list[Node], now: float) -> dict[str, Any]:
     """The alert document for one (rule, article) match, with its pending deliveries."""
-    text = article.get("body") or article.get("summary") or article.get("title") or ""
     doc = {
-        "alert_id": alert_id(rule.name, article["article_id"]),
+        "alert_id": alert_id(rule.name, article.article_id),
         "rule": rule.name,
         "query": rule.query,
-        **{key: article.get(key) for key in ("article_id", "title", "url", "source", "publisher", "published_at",
-                                              "fetched_at")},
-        "topics": list(article.get("topics") or []),
+        "article_id": article.article_id, "title": article.title, "url": article.url, "source": article.source,
+        "publisher": article.publisher, "published_at": article.published_at, "fetched_at": article.fetched_at,
+        "topics": list(article.topics),
         "matched_terms": [node.label() for node in hits],
-        "snippet": snippet(text, term_forms(hits)),
+        "snippet": snippet(article.alert_text(), term_forms(hits)),
         "matched_at": iso(now),
         "deliveries": new_deliveries(rule.targets(), rule.digest_seconds, now),
     }
@@ -204,7 +204,7 @@ class MatchRulesFn(beam.DoFn):
             return _ModelBox(spacy_lemmatizer(load_model(self._model)))
         return self._model_handle.acquire(load).lemmatize
 
-    def process(self, article: dict[str, Any]) -> Iterator[Any]:
+    def process(self, article: Article) -> Iterator[Any]:
         started = timing.now()
         try:
             rules = self._book.current()
@@ -245,7 +245,7 @@ class CreateAlertsFn(BatchingDoFn):
         self._client = connect(self._es, check=False)
         self._writer = BulkWriter(self._client, self._alerts.alerts_index, "alert_id", "create")
 
-    def handle_batch(self, pairs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> Iterator[list[Any]]:
+    def handle_batch(self, pairs: list[tuple[Article, list[dict[str, Any]]]]) -> Iterator[list[Any]]:
         alerts = [alert for _, matched in pairs for alert in matched]
         outcomes = iter(self._writer.write(alerts) if alerts else [])
         for article, matched in pairs:

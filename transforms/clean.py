@@ -3,15 +3,16 @@ whitespace and unicode normalised). HTML nested deeper than `max_depth` is read 
 without the HTML parser, whose cost grows with the depth of the tree."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html as html_lib
 import re
 import unicodedata
-from typing import Any
 
 import apache_beam as beam
 from selectolax.lexbor import LexborHTMLParser
 
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.deadletter import DEAD, SafeMapFn
 
 _DROP_TAGS = ["script", "style", "noscript", "iframe", "svg", "template", "object", "embed", "head"]
@@ -59,16 +60,13 @@ def html_to_text(html: str, max_depth: int = MAX_DEPTH) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def clean_article(article: dict[str, Any], max_depth: int = MAX_DEPTH) -> dict[str, Any]:
-    """Adds `title`, `summary` and `body` as plain text; drops the raw HTML."""
-    cleaned = dict(article)
-    summary_html = cleaned.pop("summary_html", "")
-    content_html = cleaned.pop("content_html", "")
-    cleaned["title"] = html_to_text(cleaned.get("title", ""), max_depth).replace("\n", " ")
-    cleaned["summary"] = html_to_text(summary_html, max_depth)
-    body = html_to_text(content_html, max_depth)
-    cleaned["body"] = body if len(body) >= len(cleaned["summary"]) else cleaned["summary"]
-    return cleaned
+def clean_article(article: Article, max_depth: int = MAX_DEPTH) -> Article:
+    """The article with `title`, `summary` and `body` as plain text, and without the raw HTML."""
+    summary = html_to_text(article.summary_html, max_depth)
+    body = html_to_text(article.content_html, max_depth)
+    return dataclasses.replace(article, title=html_to_text(article.title, max_depth).replace("\n", " "),
+                               summary=summary, body=body if len(body) >= len(summary) else summary,
+                               summary_html="", content_html="")
 
 
 class CleanText(beam.PTransform):

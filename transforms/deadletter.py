@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from newsbeam.transforms import clock, timing
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.redact import redact_url, redact_urls_in
 
 DEAD = "dead"
@@ -32,21 +33,27 @@ def dead_letter(stage: str, reason: str, error: str, *, feed_url: str = "", arti
     return record
 
 
-def dead_letter_for(record: dict[str, Any], stage: str, reason: str, error: str) -> dict[str, Any]:
+Record = Article | dict[str, Any]  # an article, or a document (an alert, a feed's health, ...)
+
+
+def dead_letter_for(record: Record, stage: str, reason: str, error: str) -> dict[str, Any]:
     """The dead letter of one record (an article, an alert, a document): its ids, and the
     record itself as the payload, so it can be replayed."""
+    if isinstance(record, Article):
+        return dead_letter(stage, reason, error, feed_url=record.feed_url, article_id=record.article_id,
+                           url=record.url, payload=record.to_payload())
     return dead_letter(stage, reason, error, feed_url=record.get("feed_url", "") or "",
                        article_id=record.get("article_id", "") or "", url=record.get("url", "") or "",
                        payload=json.dumps(record, default=str, ensure_ascii=False))
 
 
-def failed(record: dict[str, Any], stage: str, err: BaseException):
+def failed(record: Record, stage: str, err: BaseException):
     """The `dead` output for a record whose stage raised `err`: reason = the exception's class."""
     import apache_beam as beam
     return beam.pvalue.TaggedOutput(DEAD, dead_letter_for(record, stage, type(err).__name__, str(err)))
 
 
-def rejected(record: dict[str, Any], stage: str, detail: str):
+def rejected(record: Record, stage: str, detail: str):
     """The `dead` output for a record Elasticsearch refused for good (e.g. a mapping error)."""
     import apache_beam as beam
     return beam.pvalue.TaggedOutput(DEAD, dead_letter_for(record, stage, "rejected_by_elasticsearch", detail))
@@ -60,7 +67,7 @@ class SafeMapFn:
         self._fn = fn
         self._stage = stage
 
-    def __call__(self, element: dict[str, Any]):
+    def __call__(self, element: Record):
         started = timing.now()
         try:
             result = self._fn(element)

@@ -24,6 +24,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration
 
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings
 
@@ -38,7 +39,7 @@ class FirstSightingFn(beam.DoFn):
         self._retention = retention
         self._duplicates = Metrics.counter("newsbeam", "articles_deduplicated")
 
-    def process(self, keyed: tuple[str, dict[str, Any]], timestamp=beam.DoFn.TimestampParam,
+    def process(self, keyed: tuple[str, Article], timestamp=beam.DoFn.TimestampParam,
                 seen=beam.DoFn.StateParam(SEEN), expiry=beam.DoFn.TimerParam(EXPIRY)) -> Iterator:
         _, article = keyed
         if seen.read():
@@ -73,17 +74,17 @@ class SkipIndexedFn(BatchingDoFn):
         from newsbeam.transforms.elastic import connect
         self._client = connect(self._settings, check=False)
 
-    def handle_batch(self, articles: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    def handle_batch(self, articles: list[Article]) -> Iterator[list[Any]]:
         try:
             known = indexed_ids(self._client, self._settings.articles_alias,
-                                [article["article_id"] for article in articles])
+                                [article.article_id for article in articles])
         except Exception as err:  # fail open: `create` still refuses doubles at indexing time
             _LOG.warning("cannot check %d article ids against %s (%s); processing them", len(articles),
                          self._settings.articles_alias, type(err).__name__)
             self._unchecked.inc(len(articles))
             known = set()
         for article in articles:
-            if article["article_id"] in known:
+            if article.article_id in known:
                 self._skipped.inc()
                 yield []
             else:
@@ -101,6 +102,6 @@ class DedupeArticles(beam.PTransform):
 
     def expand(self, articles):
         return (articles
-                | "KeyById" >> beam.Map(lambda article: (article["article_id"], article))
+                | "KeyById" >> beam.Map(lambda article: (article.article_id, article))
                 | "FirstSighting" >> beam.ParDo(FirstSightingFn(self._retention))
                 | "SkipIndexed" >> beam.ParDo(SkipIndexedFn(self._es_settings)))

@@ -22,6 +22,7 @@ from apache_beam.metrics import Metrics
 from elasticsearch import ApiError, Elasticsearch, TransportError
 
 from newsbeam.transforms import clock, timing
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import PooledBatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, rejected
 from newsbeam.transforms.redact import redact_url
@@ -373,8 +374,8 @@ class WriteFn(PooledBatchingDoFn):
 
 
 class IndexArticles(beam.PTransform):
-    """Article dicts -> the articles alias (`create`, `_id` = article_id). Outputs the ids
-    written; rejected articles on the `dead` output."""
+    """Articles -> their documents (`Article.to_document`) in the articles alias (`create`,
+    `_id` = article_id). Outputs the ids written; rejected documents on the `dead` output."""
 
     def __init__(self, settings: ElasticsearchSettings,
                  client_factory: Callable[[ElasticsearchSettings], Any] | None = None):
@@ -383,7 +384,7 @@ class IndexArticles(beam.PTransform):
         self._client_factory = client_factory
 
     def expand(self, articles):
-        return articles | "BulkCreate" >> beam.ParDo(
+        return articles | "ToDocument" >> beam.Map(Article.to_document) | "BulkCreate" >> beam.ParDo(
             WriteFn(self._settings, self._settings.articles_alias, "article_id", "create", "index",
                     self._client_factory)
         ).with_outputs(DEAD, main="indexed")

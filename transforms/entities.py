@@ -30,6 +30,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from newsbeam.transforms import timing
+from newsbeam.transforms.article import Article, Entity
 from newsbeam.transforms.batching import PooledBatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, dead_letter_for, failed
 from newsbeam.transforms.settings import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
@@ -323,41 +324,24 @@ def entity_mentions(doc, original: str | None = None) -> list[Mention]:
     return [Mention(start, end, text, name, final[name]) for start, end, text, name in resolved]
 
 
-def entities_from_mentions(mentions: Iterable[Mention]) -> list[dict[str, Any]]:
-    """`{name, label, text, count}` per canonical name, in order of first mention."""
-    entities: dict[str, dict[str, Any]] = {}
+def entities_from_mentions(mentions: Iterable[Mention]) -> tuple[Entity, ...]:
+    """One `Entity` per canonical name, in order of first mention, with its mention count."""
+    first: dict[str, Mention] = {}
+    counts: Counter = Counter()
     for mention in mentions:
-        entity = entities.setdefault(mention.name, {"name": mention.name, "label": mention.label,
-                                                    "text": mention.text, "count": 0})
-        entity["count"] += 1
-    return list(entities.values())
+        first.setdefault(mention.name, mention)
+        counts[mention.name] += 1
+    return tuple(Entity(name, m.label, m.text, counts[name]) for name, m in first.items())
 
 
-def facet_fields(entities: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+def facet_fields(entities: Iterable[Entity]) -> dict[str, tuple[str, ...]]:
     """Flat keyword lists per label family (`persons`, `organizations`, `locations`)."""
     facets: dict[str, list[str]] = {"persons": [], "organizations": [], "locations": []}
     for entity in entities:
-        field = FACETS.get(entity["label"])
-        if field and entity["name"] not in facets[field]:
-            facets[field].append(entity["name"])
-    return facets
-
-
-def tame_runs(text: str, max_run: int = NlpSettings.max_char_run,
-              max_token: int = NlpSettings.max_token_chars) -> str:
-    """Text the tokenizer reads in linear time: a run of one punctuation character is cut to
-    `max_run` characters, and an unbroken token gets a space every `max_token` characters
-    (spaCy strips prefixes and suffixes one character at a time, each a scan of the rest)."""
-    text = re.sub(rf"([^\w\s])\1{{{max_run},}}", lambda m: m.group(1) * max_run, text)
-    return re.sub(rf"(\S{{{max_token}}})(?=\S)", r"\1 ", text)
-
-
-def nlp_text(article: dict[str, Any], max_chars: int, max_run: int = NlpSettings.max_char_run,
-             max_token: int = NlpSettings.max_token_chars) -> str:
-    title = article.get("title", "") or ""
-    body = article.get("body", "") or ""
-    text = f"{title}\n\n{body}" if title and not body.startswith(title) else body or title
-    return tame_runs(text, max_run, max_token)[:max_chars]
+        field = FACETS.get(entity.label)
+        if field and entity.name not in facets[field]:
+            facets[field].append(entity.name)
+    return {field: tuple(names) for field, names in facets.items()}
 
 
 def doc_lemmas(doc) -> str:
@@ -376,27 +360,22 @@ def doc_lemmas(doc) -> str:
     return "\n".join(passages)
 
 
-def tag_entities(nlp, articles: list[dict[str, Any]], settings: NlpSettings,
-                 with_mentions: bool = False) -> list[dict[str, Any]]:
+def tag_entities(nlp, articles: list[Article], settings: NlpSettings, with_mentions: bool = False) -> list[Article]:
     """Adds `entities`, the facet lists and `lemmas` (space-joined lower-case lemmas,
     used by topics and alerts) to each article. The pipeline and `newsbeam tag` share it;
     `with_mentions` also adds `mentions` (spans in `nlp_text`, for `newsbeam eval entities`)."""
     # `nlp_skipped`: a language the model does not read (transforms/language.py): no tags.
-    texts = ["" if article.get("nlp_skipped") else
-             nlp_text(article, settings.max_chars, settings.max_char_run, settings.max_token_chars)
+    texts = ["" if article.nlp_skipped else
+             article.nlp_text(settings.max_chars, settings.max_char_run, settings.max_token_chars)
              for article in articles]
     docs = nlp.pipe((truecase_headlines(text) for text in texts), batch_size=settings.batch_size)
     tagged = []
     for article, text, doc in zip(articles, texts, docs):
         mentions = entity_mentions(doc, text)
         entities = entities_from_mentions(mentions)
-        tagged.append({
-            **article,
-            "entities": entities,
-            **facet_fields(entities),
-            "lemmas": doc_lemmas(doc),
-            **({"mentions": [dataclasses.asdict(m) for m in mentions]} if with_mentions else {}),
-        })
+        tagged.append(dataclasses.replace(
+            article, entities=entities, **facet_fields(entities), lemmas=doc_lemmas(doc),
+            mentions=tuple(dataclasses.asdict(m) for m in mentions) if with_mentions else article.mentions))
     return tagged
 
 
@@ -412,14 +391,14 @@ def _start_worker(model: str, gazetteer: list[dict[str, str]] | None) -> None:
 Timings = tuple[float, float, float]  # wall, CPU and run-queue seconds of the thread that tagged
 
 
-def _timed_tag(nlp, articles: list[dict[str, Any]], settings: NlpSettings) -> tuple[list[dict[str, Any]], Timings]:
+def _timed_tag(nlp, articles: list[Article], settings: NlpSettings) -> tuple[list[Article], Timings]:
     started, (cpu, queued) = time.perf_counter(), timing.thread_clock()
     tagged = tag_entities(nlp, articles, settings)
     cpu_after, queued_after = timing.thread_clock()
     return tagged, (time.perf_counter() - started, cpu_after - cpu, queued_after - queued)
 
 
-def _tag_in_worker(articles: list[dict[str, Any]], settings: NlpSettings) -> tuple[list[dict[str, Any]], Timings]:
+def _tag_in_worker(articles: list[Article], settings: NlpSettings) -> tuple[list[Article], Timings]:
     return _timed_tag(_worker_nlp, articles, settings)
 
 
@@ -493,15 +472,15 @@ class TagEntitiesFn(PooledBatchingDoFn):
             _switch_interval.lower()
             self._lowered = True
 
-    def _tag(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
+    def _tag(self, articles: list[Article]) -> concurrent.futures.Future:
         if self._processes:
             return self._pool.submit(self.worker, articles, self._settings)
         return self._pool.submit(_timed_tag, self._nlp, articles, self._settings)
 
-    def submit_batch(self, articles: list[dict[str, Any]]) -> concurrent.futures.Future:
+    def submit_batch(self, articles: list[Article]) -> concurrent.futures.Future:
         return self._tag(articles)
 
-    def collect(self, articles: list[dict[str, Any]], future: concurrent.futures.Future) -> Iterator[list[Any]]:
+    def collect(self, articles: list[Article], future: concurrent.futures.Future) -> Iterator[list[Any]]:
         try:
             tagged, timings = self._result(future, len(articles))
         except Exception:  # find the article that broke the batch; tag the others
@@ -510,7 +489,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._record(len(tagged), timings)
         yield from ([article] for article in tagged)
 
-    def _result(self, future: concurrent.futures.Future, count: int) -> tuple[list[dict[str, Any]], Timings]:
+    def _result(self, future: concurrent.futures.Future, count: int) -> tuple[list[Article], Timings]:
         """The batch's result within `article_timeout` per article; past it the worker is replaced
         (and TimeoutError raised), so one pathological text never stalls tagging."""
         try:
@@ -536,7 +515,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
         timing.record(f"{self.stage}_run_queue", count, queued)
         self._tagged.inc(count)
 
-    def _tag_one(self, article: dict[str, Any]) -> list[Any]:
+    def _tag_one(self, article: Article) -> list[Any]:
         # A pool already shut down (the run is stopping) raises here: the bundle fails instead of
         # dead-lettering articles that did nothing wrong.
         future = self._tag([article])
@@ -551,7 +530,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
         return tagged
 
     @staticmethod
-    def _dead(article: dict[str, Any], reason: str, error: str) -> beam.pvalue.TaggedOutput:
+    def _dead(article: Article, reason: str, error: str) -> beam.pvalue.TaggedOutput:
         return beam.pvalue.TaggedOutput(DEAD, dead_letter_for(article, "entities", reason, error))
 
     def teardown(self) -> None:

@@ -4,7 +4,7 @@ feeds, and extract its main text with trafilatura. Pages get a much smaller size
 (`fetch.max_page_bytes`, after inflating: trafilatura's memory grows many times a page's size),
 and a batch waits at most `fetch.full_text_timeout` for its pages. `body_source` records which text the
 article carries: `feed` or `extracted`. A page that cannot be fetched or yields less text
-than the feed leaves the feed's text in place.
+than the feed leaves the feed's text in place; why is logged and counted (`full_text_failed`).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.fetch import FetchError, PoliteExecutor, fetch, host_of, new_session
 from newsbeam.transforms.redact import redact_url
@@ -37,18 +38,18 @@ def as_html(text: str) -> str:
     return "".join(f"<p>{html.escape(line)}</p>" for line in text.split("\n") if line.strip())
 
 
-def fetch_full_text(session, feed: Feed, article: dict[str, Any], settings: FetchSettings) -> dict[str, Any]:
-    """The article with its page's main text as `content_html`, or unchanged. Never raises
-    FetchError (the feed's text is a fine fallback); the reason is in `_full_text_error`."""
+def fetch_full_text(session, feed: Feed, article: Article, settings: FetchSettings) -> tuple[Article, str]:
+    """(the article with its page's main text as `content_html`, "") or (the article unchanged,
+    why not). Never raises FetchError: the feed's text is a fine fallback."""
     try:
-        result = fetch(session, feed, settings, url=article["url"], accept=PAGE_ACCEPT)
+        result = fetch(session, feed, settings, url=article.url, accept=PAGE_ACCEPT)
         text = extract_main_text(result.body, result.final_url)
     except FetchError as err:
-        return {**article, "_full_text_error": str(err)}
-    feed_chars = max(len(article.get("content_html") or ""), len(article.get("summary_html") or ""))
-    if len(text) < min(200, feed_chars):
-        return {**article, "_full_text_error": "no main text found"}
-    return {**article, "content_html": as_html(text)[:settings.max_entry_chars], "body_source": "extracted"}
+        return article, str(err)
+    if len(text) < min(200, max(len(article.content_html), len(article.summary_html))):
+        return article, "no main text found"
+    return dataclasses.replace(article, content_html=as_html(text)[:settings.max_entry_chars],
+                               body_source="extracted"), ""
 
 
 class FetchFullTextFn(BatchingDoFn):
@@ -68,34 +69,33 @@ class FetchFullTextFn(BatchingDoFn):
         self._executor = PoliteExecutor(self._settings.concurrency, self._settings.per_host_concurrency,
                                         self._settings.per_host_delay, self._session.timers)
 
-    def handle_batch(self, articles: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    def handle_batch(self, articles: list[Article]) -> Iterator[list[Any]]:
         futures = {}
         for position, article in enumerate(articles):
-            feed = self._feeds.get(article.get("feed_url", ""))
-            if feed and str(article.get("url", "")).startswith(("http://", "https://")):
-                futures[position] = self._executor.submit(host_of(article["url"]), fetch_full_text, self._session,
+            feed = self._feeds.get(article.feed_url)
+            if feed and article.url.startswith(("http://", "https://")):
+                futures[position] = self._executor.submit(host_of(article.url), fetch_full_text, self._session,
                                                           feed, article, self._settings)
         wait(list(futures.values()), timeout=self._settings.full_text_timeout)
         for position, article in enumerate(articles):
             if position in futures:
                 try:
-                    article = self._page_result(futures[position], article)
+                    article, error = self._page_result(futures[position], article)
                 except Exception as err:  # trafilatura on a hostile page: keep the feed's text
-                    article = {**article, "_full_text_error": f"{type(err).__name__}: {err}"}
-                error = article.pop("_full_text_error", None)
+                    error = f"{type(err).__name__}: {err}"
                 if error:
                     self._failed.inc()
-                    _LOG.info("full text of %s not used: %s", article.get("url"), error)
+                    _LOG.info("full text of %s not used: %s", article.url, error)
                 else:
                     self._extracted.inc()
             yield [article]
 
-    def _page_result(self, future: Future, article: dict[str, Any]) -> dict[str, Any]:
+    def _page_result(self, future: Future, article: Article) -> tuple[Article, str]:
         if future.done():
             return future.result()
         future.cancel()  # still queued behind its host, or running: its result is not waited for
-        return {**article, "_full_text_error": f"page not fetched and extracted within fetch.full_text_timeout "
-                                               f"({self._settings.full_text_timeout:g}s)"}
+        return article, (f"page not fetched and extracted within fetch.full_text_timeout "
+                         f"({self._settings.full_text_timeout:g}s)")
 
     def teardown(self) -> None:
         self._executor.shutdown()

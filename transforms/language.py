@@ -6,6 +6,7 @@ are indexed with their language.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,10 +14,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from newsbeam.transforms import timing
+from newsbeam.transforms.article import Article
 
 MIN_CONFIDENCE = 0.8
 MIN_WORDS = 4
-_SAMPLE_CHARS = 2_000
 
 
 def model_languages(model: str) -> frozenset[str] | None:
@@ -26,11 +27,6 @@ def model_languages(model: str) -> frozenset[str] | None:
     if "_" not in model or prefix == "xx" or not prefix.isalpha() or len(prefix) not in (2, 3):
         return None
     return frozenset({prefix})
-
-
-def language_sample(article: dict[str, Any]) -> str:
-    parts = (article.get("title") or "", article.get("summary") or "", article.get("body") or "")
-    return "\n".join(part for part in parts if part)[:_SAMPLE_CHARS]
 
 
 def detect(identifier: Any, text: str) -> str | None:
@@ -51,13 +47,13 @@ def wants_nlp(language: str | None, languages: frozenset[str] | None) -> bool:
     return languages is None or not language or language in languages
 
 
-def route_language(identifier: Any, languages: frozenset[str] | None, article: dict[str, Any]) -> dict[str, Any]:
+def route_language(identifier: Any, languages: frozenset[str] | None, article: Article) -> Article:
     """The article with its `language` (the feed's, else detected) and `nlp_skipped`."""
-    language = article.get("language")
+    language = article.language
     if not language:
         with timing.stage("language"):
-            language = detect(identifier, language_sample(article))
-    return {**article, "language": language, "nlp_skipped": not wants_nlp(language, languages)}
+            language = detect(identifier, article.language_sample())
+    return dataclasses.replace(article, language=language, nlp_skipped=not wants_nlp(language, languages))
 
 
 class DetectLanguageFn(beam.DoFn):
@@ -69,11 +65,11 @@ class DetectLanguageFn(beam.DoFn):
     def setup(self) -> None:
         self._identifier = load_identifier()
 
-    def process(self, article: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def process(self, article: Article) -> Iterator[Article]:
         routed = route_language(self._identifier, self._languages, article)
-        if routed["language"] and not article.get("language"):
+        if routed.language and not article.language:
             self._detected.inc()
-        if routed["nlp_skipped"]:
+        if routed.nlp_skipped:
             self._skipped.inc()
         yield routed
 

@@ -18,6 +18,7 @@ searchable yet.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 import re
@@ -30,6 +31,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from newsbeam.transforms import clock
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings
 
@@ -99,12 +101,6 @@ def titles_agree(first: frozenset[str], second: frozenset[str]) -> bool:
     return len(first & second) / len(first | second) >= TITLE_OVERLAP
 
 
-def story_text(article: dict[str, Any]) -> str:
-    title = article.get("title") or ""
-    body = article.get("body") or article.get("summary") or ""
-    return f"{title}\n{body}" if not body.startswith(title) else body
-
-
 Candidate = tuple[str, str, np.ndarray, frozenset]  # article_id, story_id, signature, title words
 
 
@@ -154,13 +150,13 @@ def best_story(signature: np.ndarray, title: frozenset, candidates: Iterable[Can
     return (best[1], -best[0]) if best else (None, 0.0)
 
 
-def signature_of(article: dict[str, Any]) -> np.ndarray | None:
-    return minhash(shingles(story_text(article)))
+def signature_of(article: Article) -> np.ndarray | None:
+    return minhash(shingles(article.story_text()))
 
 
-def link_stories(articles: list[dict[str, Any]], index: StoryIndex, threshold: float,
+def link_stories(articles: list[Article], index: StoryIndex, threshold: float,
                  stored: Iterable[Candidate] = (), signatures: list[np.ndarray | None] | None = None
-                 ) -> list[dict[str, Any]]:
+                 ) -> list[Article]:
     """Adds `story_id`, `story_bands` and `story_minhash` to each article; `stored` are
     candidates from Elasticsearch, `signatures` the articles' own when already computed.
     Articles earlier in the list are candidates for later ones."""
@@ -171,15 +167,16 @@ def link_stories(articles: list[dict[str, Any]], index: StoryIndex, threshold: f
     linked = []
     for article, signature in zip(articles, signatures):
         if signature is None:
-            linked.append({**article, "story_id": article["article_id"]})
+            linked.append(dataclasses.replace(article, story_id=article.article_id))
             continue
         keys = bands(signature)
-        title = title_words(article.get("title") or "")
-        candidates = [c for c in index.candidates(keys) if c[0] != article["article_id"]]
+        title = title_words(article.title)
+        candidates = [c for c in index.candidates(keys) if c[0] != article.article_id]
         story_id, _ = best_story(signature, title, candidates, threshold)
-        story_id = story_id or article["article_id"]
-        index.add(article["article_id"], story_id, signature, title, keys)
-        linked.append({**article, "story_id": story_id, "story_bands": keys, "story_minhash": encode(signature)})
+        story_id = story_id or article.article_id
+        index.add(article.article_id, story_id, signature, title, keys)
+        linked.append(dataclasses.replace(article, story_id=story_id, story_bands=tuple(keys),
+                                          story_minhash=encode(signature)))
     return linked
 
 
@@ -215,7 +212,7 @@ class LinkStoriesFn(BatchingDoFn):
         self._client = connect(self._es_settings, check=False)
         self._index = StoryIndex()
 
-    def handle_batch(self, articles: list[dict[str, Any]]) -> Iterator[list[Any]]:
+    def handle_batch(self, articles: list[Article]) -> Iterator[list[Any]]:
         signatures = [signature_of(article) for article in articles]
         keys = sorted({key for signature in signatures if signature is not None for key in bands(signature)})
         stored: list[Candidate] = []
@@ -228,7 +225,7 @@ class LinkStoriesFn(BatchingDoFn):
                              type(err).__name__)
         for article in link_stories(articles, self._index, self._settings.near_duplicate_threshold, stored,
                                     signatures):
-            if article["story_id"] != article["article_id"]:
+            if article.story_id != article.article_id:
                 self._linked.inc()
             yield [article]
 

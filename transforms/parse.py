@@ -1,4 +1,4 @@
-"""Feed bytes -> article dicts, with stable ids from canonical URLs (run by PollFeeds).
+"""Feed bytes -> article records, with stable ids from canonical URLs (run by PollFeeds).
 
 Documents that declare entities (`<!DOCTYPE x [<!ENTITY ...>]>`) are refused before
 feedparser sees them: its loose parser expands what the strict one refused, which is how
@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import feedparser
 
 from newsbeam.transforms import clock
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.deadletter import dead_letter
 from newsbeam.transforms.fetch import FetchResult
 from newsbeam.transforms.redact import redact_url, without_userinfo
@@ -130,7 +131,7 @@ def _entry_html(entry: Any) -> tuple[str, str]:
 
 @dataclasses.dataclass
 class ParsedFeed:
-    articles: list[dict[str, Any]]
+    articles: list[Article]
     problem: str | None = None  # why a feed yielded nothing usable
     reason: str = ""  # dead-letter reason: unparseable_feed, entity_declaration
     refresh_hint: float | None = None  # seconds, from ttl / sy:updatePeriod
@@ -228,22 +229,22 @@ def read_feed(result: FetchResult, max_items: int, max_entry_chars: int = 200_00
         if not link and not guid:
             continue
         summary, content = _entry_html(entry)
-        articles.append({
-            "article_id": article_id(link, guid),
-            "url": link or guid,
-            "guid": guid,
-            "title": (entry.get("title", "") or "")[:cap],
-            "summary_html": summary[:cap],
-            "content_html": content[:cap],
-            "feed_url": redact_url(result.feed.url),  # a feed URL may carry user:password@
-            "source": source,
-            "publisher": publisher,
-            "author": (entry.get("author", "") or "")[:1024] or None,
-            "published_at": _iso(entry.get("published_parsed") or entry.get("updated_parsed")),
-            "fetched_at": fetched_at,
-            "language": (entry.get("language") or "").split("-")[0].lower() or language,
-            "body_source": "feed",
-        })
+        articles.append(Article(
+            article_id=article_id(link, guid),
+            url=link or guid,
+            guid=guid,
+            title=(entry.get("title", "") or "")[:cap],
+            summary_html=summary[:cap],
+            content_html=content[:cap],
+            feed_url=redact_url(result.feed.url),  # a feed URL may carry user:password@
+            source=source,
+            publisher=publisher,
+            author=(entry.get("author", "") or "")[:1024] or None,
+            published_at=_iso(entry.get("published_parsed") or entry.get("updated_parsed")),
+            fetched_at=fetched_at,
+            language=(entry.get("language") or "").split("-")[0].lower() or language,
+            body_source="feed",
+        ))
     return ParsedFeed(articles, refresh_hint=hint)
 
 

@@ -37,6 +37,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from newsbeam.transforms import timing
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.deadletter import DEAD, dead_letter
 from newsbeam.transforms.feedstate import FeedState, body_hash, health_doc, load_states, max_age, on_failure, on_success
 from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
@@ -86,7 +87,7 @@ def needs_parse(outcome: PollOutcome, last_digest: str | None) -> bool:
 
 
 def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_interval: float, settings: FetchSettings,
-                  due: float | None = None) -> tuple[FeedState, list[Any], list[dict[str, Any]]]:
+                  due: float | None = None) -> tuple[FeedState, list[Article], list[dict[str, Any]]]:
     """(new state, articles, dead letters) for one attempt. After a success the next poll is
     counted from when this one was `due` (else from its start): time spent waiting in a
     host's polite queue or for a tick must not push every later poll back, cycle after cycle."""
@@ -110,7 +111,7 @@ def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_in
     state_before = state
     state, changed = on_success(
         state, feed, now=now, status=result.status,
-        items=[article["article_id"] for article in parsed.articles] if parsed is not None else None,
+        items=[article.article_id for article in parsed.articles] if parsed is not None else None,
         etag=result.headers.get("etag"), last_modified=result.headers.get("last-modified"),
         digest=outcome.digest, hint=hint, final_url=result.final_url, default_interval=default_interval,
         settings=settings)
@@ -127,8 +128,8 @@ def apply_outcome(state: FeedState, feed: Feed, outcome: PollOutcome, default_in
     return state, [a for a in parsed.articles if short_id(a) not in seen], []
 
 
-def short_id(article: dict[str, Any]) -> str:
-    return article["article_id"][:16]
+def short_id(article: Article) -> str:
+    return article.article_id[:16]
 
 
 class PollShardFn(beam.DoFn):
@@ -325,7 +326,7 @@ class PollShardFn(beam.DoFn):
         backlog_state.write(backlog)
         yield from emitted
 
-    def _count(self, outcome: PollOutcome, articles: list[Any]) -> None:
+    def _count(self, outcome: PollOutcome, articles: list[Article]) -> None:
         if outcome.error is not None:
             self._failed.inc()
         elif outcome.result is not None and outcome.result.status == 304:

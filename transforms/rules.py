@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.settings import ConfigError
 
 # Query field -> article field. Aliases map to the same article field.
@@ -329,18 +330,17 @@ def resolve(node: Node, lemmatize: Lemmatizer) -> Node:
 class ArticleView:
     """What rules look at in one article, computed once for all rules."""
 
-    def __init__(self, article: dict[str, Any]):
-        self.tokens = analyze(article.get("lemmas") or "")
+    def __init__(self, article: Article):
+        self.tokens = analyze(article.lemmas)
         self.positions: dict[str, list[int]] = {}
         for i, token in enumerate(self.tokens):
             self.positions.setdefault(token, []).append(i)
-        names = [entity.get("name", "") for entity in article.get("entities") or ()]
         self.values: dict[str, list[str]] = {
-            "entities": [n.lower() for n in names if n],
-            **{f: [str(v).lower() for v in article.get(f) or () if v]
+            "entities": [entity.name.lower() for entity in article.entities if entity.name],
+            **{f: [v.lower() for v in getattr(article, f) if v]
                for f in ("topics", "persons", "organizations", "locations")},
-            "source": [str(article["source"]).lower()] if article.get("source") else [],
-            "language": [str(article["language"]).lower()] if article.get("language") else [],
+            "source": [article.source.lower()] if article.source else [],
+            "language": [article.language.lower()] if article.language else [],
         }
 
     def has_sequence(self, form: tuple[str, ...]) -> bool:
@@ -377,7 +377,7 @@ def _evaluate(node: Node, view: ArticleView, hits: list[Node]) -> bool:
     return matched
 
 
-def match(node: Node, article: dict[str, Any] | ArticleView) -> list[Node] | None:
+def match(node: Node, article: Article | ArticleView) -> list[Node] | None:
     """The query's satisfied terms when the article matches, else None."""
     view = article if isinstance(article, ArticleView) else ArticleView(article)
     hits: list[Node] = []

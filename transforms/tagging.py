@@ -14,6 +14,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.clean import CleanText, clean_article
 from newsbeam.transforms.dedupe import DedupeArticles
 from newsbeam.transforms.entities import TagEntities, load_model, tag_entities
@@ -26,7 +27,7 @@ from newsbeam.transforms.topics import TagTopics, Taxonomy, tag_topics
 OUTPUT_FIELDS = ("language", "nlp_skipped", "entities", "persons", "organizations", "locations", "topics",
                  "topic_evidence")
 
-Articles = list[dict[str, Any]]
+Articles = list[Article]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,9 @@ class Tagger:
                 articles = stage.offline(self, articles, with_mentions)
         return articles
 
-    def tag_records(self, records: Articles) -> Articles:
-        """`{"id", "title", "text"}` records, returned with the tag fields added."""
-        articles = [{"title": r.get("title") or "", "content_html": r.get("text") or ""} for r in records]
-        return [{**record, **{field: article[field] for field in OUTPUT_FIELDS}}
-                for record, article in zip(records, self.tag_articles(articles))]
+    def tag_records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`{"id", "title", "text"}` records, returned with the tag fields added (as JSON values)."""
+        articles = [Article(title=r.get("title") or "", content_html=r.get("text") or "") for r in records]
+        documents = (article.to_document() for article in self.tag_articles(articles))
+        return [{**record, **{field: document.get(field) for field in OUTPUT_FIELDS}}
+                for record, document in zip(records, documents)]

@@ -28,6 +28,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from newsbeam.transforms.article import Article, TopicEvidence
 from newsbeam.transforms.deadletter import DEAD, SafeMapFn
 from newsbeam.transforms.settings import ConfigError, load_yaml
 
@@ -251,10 +252,10 @@ class TopicScore:
         return self.score >= self.threshold
 
 
-def score_article(taxonomy: Taxonomy, article: dict[str, Any]) -> list[TopicScore]:
+def score_article(taxonomy: Taxonomy, article: Article) -> list[TopicScore]:
     """Every topic's score and evidence for an article with `lemmas` and `entities`."""
-    text = ArticleText(article.get("lemmas") or "", bool((article.get("title") or "").strip()))
-    labels = {entity["label"] for entity in article.get("entities", ())}
+    text = ArticleText(article.lemmas, bool(article.title.strip()))
+    labels = {entity.label for entity in article.entities}
     scores = []
     for topic in taxonomy.topics:
         score, reasons = score_topic(topic, text, labels)
@@ -263,11 +264,11 @@ def score_article(taxonomy: Taxonomy, article: dict[str, Any]) -> list[TopicScor
     return scores
 
 
-def tag_topics(taxonomy: Taxonomy, article: dict[str, Any]) -> dict[str, Any]:
+def tag_topics(taxonomy: Taxonomy, article: Article) -> Article:
     """Adds `topics` and `topic_evidence` from the article's lemmas and entities."""
     fired = [s for s in score_article(taxonomy, article) if s.tagged]
-    return {**article, "topics": [s.topic for s in fired],
-            "topic_evidence": [{"topic": s.topic, "score": s.score, "evidence": list(s.evidence)} for s in fired]}
+    return dataclasses.replace(article, topics=tuple(s.topic for s in fired),
+                               topic_evidence=tuple(TopicEvidence(s.topic, s.score, s.evidence) for s in fired))
 
 
 class TagTopics(beam.PTransform):

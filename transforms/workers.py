@@ -15,6 +15,8 @@ deadline is killed the same way (`replace`).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import importlib
 import logging
 import multiprocessing
 import os
@@ -24,6 +26,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from newsbeam.transforms.logs import drop_beam_import_notice
 
 _LOG = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ class WorkerPool:
         _LOG.info("starting %d %s process(es)", self.processes, self._name)
         executor = concurrent.futures.ProcessPoolExecutor(
             self.processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_child, initargs=(os.getpid(), self._initializer, self._initargs))
+            initializer=_start_child, initargs=(os.getpid(), _name_of(self._initializer), self._initargs))
         _await_ready(executor, self.processes)
         return executor
 
@@ -174,14 +178,22 @@ class SharedPool:
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
-def _start_child(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def _name_of(initializer: Callable[..., None] | None) -> tuple[str, str] | None:
+    # By name: unpickling the function itself would import its module (and Beam with it) before
+    # the child could silence Beam's import-time notice.
+    return None if initializer is None else (initializer.__module__, initializer.__qualname__)
+
+
+def _start_child(parent: int, initializer: tuple[str, str] | None, initargs: tuple) -> None:
     # Ctrl-C signals the whole process group. A worker leaves stopping to its parent, which
     # shuts the pool down; interrupted mid-batch it would fail that batch, or leave the pool
     # waiting for a result it was sending when the signal arrived.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    drop_beam_import_notice()
     if initializer is not None:
-        initializer(*initargs)
+        module, name = initializer
+        functools.reduce(getattr, name.split("."), importlib.import_module(module))(*initargs)
 
 
 def _exit_with_parent(parent: int) -> None:

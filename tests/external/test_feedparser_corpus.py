@@ -28,6 +28,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from newsbeam.pipeline.config import Feed, FetchSettings
+from newsbeam.transforms.article import Article
 from newsbeam.transforms.clean import clean_article, html_to_text
 from newsbeam.transforms.clock import epoch
 from newsbeam.transforms.fetch import FetchError, fetch, new_session
@@ -145,8 +146,8 @@ def expected_field(expression: str, parsed) -> tuple[str, object] | None:
     return None
 
 
-def article_value(article: dict, field: str) -> object:
-    value = article.get(field)
+def article_value(article: Article, field: str) -> object:
+    value = getattr(article, field)
     if field == "published_at" and value:
         return epoch(value)  # compared as instants: the stored form carries milliseconds
     return value

@@ -35,6 +35,6 @@ def index_fixture_articles(client: Elasticsearch, settings: Settings, nlp) -> di
         keys.extend(feed_keys)
     tagged = Tagger(nlp, Taxonomy.load(settings.topics_file), settings).tag_articles(parsed)
     writer = BulkWriter(client, settings.elasticsearch.articles_alias, "article_id")
-    assert [outcome for outcome, _ in writer.write(tagged)] == ["written"] * len(tagged)
+    assert [outcome for outcome, _ in writer.write([a.to_document() for a in tagged])] == ["written"] * len(tagged)
     client.indices.refresh(index=settings.elasticsearch.articles_alias)
-    return {key: article["article_id"] for key, article in zip(keys, tagged)}
+    return {key: article.article_id for key, article in zip(keys, tagged)}
