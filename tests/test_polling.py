@@ -144,8 +144,11 @@ def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settin
         fast = Feed(url=server.route("/fast.xml", respond(200, rss([{
             "title": "Fast news", "link": "https://example.org/fast", "html": "<p>x</p>"}]),
             {"Content-Type": "application/rss+xml"})))
-        slow = Feed(url=slow_host.route("/slow.xml", stall(10)))  # read timeout after 1 s
-        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=0.5, slack=0, tick=1.0, shards=1)
+        slow = Feed(url=slow_host.route("/slow.xml", stall(60)))
+        # The fast feed has 5 s to be delivered (a loaded machine needs more than 0.5 s); the slow
+        # one stays in flight past that until its 20 s read timeout.
+        settings = dataclasses.replace(SETTINGS, read_timeout=20, total_timeout=25)
+        fn = PollShardFn(settings, es_settings, default_interval=300, settle=5.0, slack=0, tick=1.0, shards=1)
         fn.setup()
         fn.start_bundle()
         try:

@@ -264,6 +264,7 @@ def stored_alerts(es, settings: Settings) -> list[dict]:
     return [hit["_source"] for hit in es.search(index=settings.alerts.alerts_index, size=1000)["hits"]["hits"]]
 
 
+@pytest.mark.slow  # a soak: the live loop ticked every 20 min through three simulated days, with restarts
 def test_the_live_loop_makes_exactly_the_back_fills_firings_and_a_restart_doubles_nothing(es, live_alerts, lemmatize):
     start, tick = T0 + 6 * DAY + 5 * 60, 20 * 60  # ticks at :05, :25, :45 — never on a window's due time
     live = volume_alerts(live_alerts.elasticsearch, live_alerts.alerts, "", lemmatize)
