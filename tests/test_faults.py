@@ -18,7 +18,7 @@ import pytest
 from elasticsearch import Elasticsearch
 
 from newsbeam.pipeline import local_es
-from tests.support.cli import newsbeam, start_newsbeam
+from tests.support.cli import start_newsbeam
 from tests.support.config import write_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.feedserver import rss
@@ -327,10 +327,25 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
     while len(served) < 150:  # the restarted pipeline sees the whole feed
         time.sleep(0.5)
 
-    run = newsbeam("run", *runner, "--config", str(config), "--feed", feed, "--duration", "15", timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    es.indices.refresh(index=es_settings.articles_alias)
-    total = es.count(index=es_settings.articles_alias)["count"]
+    def count() -> int:
+        es.indices.refresh(index=es_settings.articles_alias)
+        return es.count(index=es_settings.articles_alias)["count"]
+
+    log = tmp_path / "restart.log"
+    with open(log, "w") as output:
+        restart = start_newsbeam("run", *runner, "--config", str(config), "--feed", feed, stdout=output,
+                                 stderr=subprocess.STDOUT)
+    try:
+        caught_up = wait_until(lambda: count() >= 150, timeout=300, every=1.0)
+    finally:
+        restart.send_signal(signal.SIGTERM)
+        try:
+            restart.wait(timeout=150)
+        finally:
+            restart.kill()
+    assert caught_up, f"the restarted run indexed {count()} of 150:\n{log.read_text()[-3000:]}"
+    assert restart.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    total = count()
     unique = es.search(index=es_settings.articles_alias, size=0, aggs={
         "urls": {"cardinality": {"field": "url"}}})["aggregations"]["urls"]["value"]
     assert total == 150 and unique == 150
