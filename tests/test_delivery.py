@@ -156,12 +156,13 @@ def keys_by_alert(records: list[dict]) -> dict[str, set[str]]:
     return keys
 
 
-@pytest.mark.parametrize("how", ["503", "hang", "trickle"])
+@pytest.mark.parametrize("how", ["503", "hang", "trickle", "slow-body"])
 def test_a_webhook_that_fails_its_first_attempts_gets_each_alert_once_with_one_idempotency_key(
         how, es, alert_settings):
-    """503s, a target that accepts and never answers (webhook_timeout 1 s) and one that
-    trickles its answer for ever: the first three attempts fail, each is retried, and once
-    the target answers every alert arrives once, its retries under the same Idempotency-Key."""
+    """503s, a target that accepts and never answers (webhook_timeout 1 s), one that trickles
+    its headers and one that trickles its error body: the first three attempts fail, each is
+    retried, and once the target answers every alert arrives once, its retries under the same
+    Idempotency-Key."""
     with WebhookReceiver() as hook:
         hook.fail("/hook", how=how, times=3)
         rule = Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",))

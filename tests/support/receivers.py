@@ -16,8 +16,9 @@ from tests.support.loopback import LoopbackServer, QuietHandler
 class WebhookReceiver(LoopbackServer):
     """Records every POST as {time, path, headers, body (JSON)}. A path told to `fail()`
     misbehaves until `recover()` (or for its first `times` requests): `how` is "503" (answers
-    503), "hang" (reads the request and never answers) or "trickle" (answers a status line,
-    then a header line every 0.2 s, never finishing). Those requests are recorded in `refused`
+    503), "hang" (reads the request and never answers), "trickle" (answers a status line,
+    then a header line every 0.2 s, never finishing) or "slow-body" (answers 503 with a 2 kB
+    body, sent a byte every 0.2 s). Those requests are recorded in `refused`
     (with `how`), the others in `received`. A path told to `stall()` answers only after that
     many seconds. `port` binds a given port (a target that was refusing connections comes up)."""
 
@@ -43,8 +44,8 @@ class WebhookReceiver(LoopbackServer):
                     receiver._closed.wait()
                     self.close_connection = True
                     return
-                if how == "trickle":
-                    self._trickle()
+                if how in ("trickle", "slow-body"):
+                    self._trickle(how == "slow-body")
                     return
                 time.sleep(stall)
                 self.send_response(503 if how else 200)
@@ -52,13 +53,14 @@ class WebhookReceiver(LoopbackServer):
                 self.end_headers()
                 self.wfile.write(b"ok")
 
-            def _trickle(self):
+            def _trickle(self, body: bool):
+                head = b"HTTP/1.1 503 Busy\r\nContent-Length: 2048\r\n\r\n" if body else b"HTTP/1.1 200 OK\r\n"
                 try:
-                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    self.wfile.write(head)
                     for number in range(3000):
                         if receiver._closed.wait(0.2):
                             break
-                        self.wfile.write(f"X-Slow-{number}: 1\r\n".encode())
+                        self.wfile.write(b"x" if body else f"X-Slow-{number}: 1\r\n".encode())
                         self.wfile.flush()
                 except OSError:
                     pass
