@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -170,11 +171,13 @@ def run_index(settings, docs, client_factory=None, writer=None):
 @pytest.fixture(scope="module")
 def pushback_es_node():
     """A second node of its own whose indexing pressure limit is tiny: it answers a whole
-    bulk request larger than 16 kB with HTTP 429 (es_rejected_execution_exception), as a
-    real cluster does when its indexing memory is exhausted."""
+    bulk request larger than 64 kB with HTTP 429 (es_rejected_execution_exception), as a
+    real cluster does when its indexing memory is exhausted; and one larger than 200 kB
+    with HTTP 413 (`http.max_content_length`)."""
     directory = Path(tempfile.mkdtemp(prefix="newsbeam-test-pushback-es-"))
     instance = local_es.start(directory, port=local_es.free_port(),
-                              node_settings={"indexing_pressure.memory.limit": "16kb"})
+                              node_settings={"indexing_pressure.memory.limit": "64kb",
+                                             "http.max_content_length": "200kb"})
     try:
         yield instance
     finally:
@@ -187,24 +190,33 @@ def coordinating_rejections(instance) -> int:
     return sum(node["indexing_pressure"]["memory"]["total"]["coordinating_rejections"] for node in stats.values())
 
 
-def run_index_within(settings, docs, timeout: float) -> dict[str, int] | None:
+def run_index_within(settings, docs, timeout: float, writer=None) -> dict[str, int] | None:
     """run_index in a thread of its own: None if it has not finished within `timeout` (a writer
-    that retries for ever must fail the test, not hang it)."""
-    outcome: dict[str, dict[str, int]] = {}
-    worker = threading.Thread(target=lambda: outcome.update(counters=run_index(settings, docs)), daemon=True)
+    that retries for ever must fail the test, not hang it); the pipeline's error, raised here."""
+    outcome: dict[str, Any] = {}
+
+    def index() -> None:
+        try:
+            outcome["counters"] = run_index(settings, docs, writer=writer)
+        except Exception as err:  # re-raised in the test's thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=index, daemon=True)
     worker.start()
     worker.join(timeout)
+    if "error" in outcome:
+        raise outcome["error"]
     return outcome.get("counters")
 
 
 @pytest.mark.slow
 def test_a_node_answering_429_to_whole_bulk_requests_gets_every_article_in_smaller_requests(pushback_es_node,
                                                                                              es_settings):
-    """The whole-request path: the node refuses each 50-article bulk outright (HTTP 429, not
-    per-item statuses); the writer retries, then splits the batch until the node takes it."""
+    """The whole-request path: the node refuses each 50-article bulk (~2.5 kB each) outright
+    (HTTP 429, not per-item statuses); the writer retries, then splits the batch until the node takes it."""
     settings = dataclasses.replace(es_settings, url=pushback_es_node.url)
     node = Elasticsearch(pushback_es_node.url, request_timeout=30)
-    docs = [{**doc, "body": f"Dock workers unloaded cargo ship {i}. " * 25} for i, doc in enumerate(articles(100))]
+    docs = [{**doc, "body": f"Dock workers unloaded cargo ship {i}. " * 70} for i, doc in enumerate(articles(100))]
     rejected_before = coordinating_rejections(pushback_es_node)
     counters = run_index_within(settings, docs, timeout=240)
     rejections = coordinating_rejections(pushback_es_node) - rejected_before
@@ -216,6 +228,31 @@ def test_a_node_answering_429_to_whole_bulk_requests_gets_every_article_in_small
     assert counters["index_written"] == 100 and counters["index_retried"] >= 100
     print(f"\nwhole-request 429s from a real node: {rejections} rejections, {counters['index_retried']} "
           f"documents retried, 100 of 100 indexed")
+    node.close()
+
+
+@pytest.mark.slow
+def test_an_article_larger_than_the_node_takes_is_a_dead_letter_and_the_rest_are_indexed(pushback_es_node, es,
+                                                                                          es_settings):
+    """A bulk larger than the node's http.max_content_length answers 413 as a whole: the batch
+    is split until the one article too large on its own is left, which becomes a dead letter
+    with the reason; its batch-mates are indexed and the stream goes on. (The dead letters go
+    to the shared node: this one's indexing pressure limit is below a dead letter's size.)"""
+    from newsbeam.transforms.elastic import connect, ensure_indices
+
+    settings = dataclasses.replace(es_settings, url=pushback_es_node.url)
+    ensure_indices(connect(settings), settings)
+    node = Elasticsearch(pushback_es_node.url, request_timeout=30)
+    docs = [{**doc, "body": f"Dock workers unloaded cargo ship {i}. " * 25} for i, doc in enumerate(articles(30))]
+    docs[7]["body"] = "A very long harbour report. " * 11_000  # ~300 kB
+    counters = run_index_within(es_settings, docs, timeout=240, writer=settings)
+    assert counters is not None, "the writer was still retrying after 240 s"
+    node.indices.refresh(index=settings.articles_alias)
+    es.indices.refresh(index=es_settings.deadletter_index)
+    assert node.count(index=settings.articles_alias)["count"] == 29
+    [dead] = es.search(index=es_settings.deadletter_index)["hits"]["hits"]
+    assert dead["_source"]["article_id"] == "a7" and "413" in dead["_source"]["error"]
+    assert counters["index_written"] == 29 and counters["index_failed"] == 1
     node.close()
 
 

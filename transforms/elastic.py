@@ -253,7 +253,8 @@ class BulkWriter:
     already written, any other per-item error is returned as permanent. A batch refused
     with 429 as a whole (the request, or every item in it) `split_after` times in a row is
     sent in halves: a node whose indexing pressure limit is below the batch's size would
-    refuse it for ever."""
+    refuse it for ever. A request over the server's size limit (413) is sent in halves at
+    once, and a document too large on its own is returned as failed."""
 
     def __init__(self, client: Elasticsearch, index: str, id_field: str, op: str = "create",
                  max_backoff: float = 30.0, on_retry=None, split_after: int = 2):
@@ -296,6 +297,14 @@ class BulkWriter:
                         outcomes[i] = ("failed", f"{status} {error.get('type', '')}: {error.get('reason', '')}")
                 refused = too_many == len(pending)
             except ApiError as err:
+                if err.meta.status == 413:  # larger than http.max_content_length: smaller requests, no retry
+                    if len(pending) > 1:
+                        self._write_halves(docs, pending, outcomes, "was too large (HTTP 413)")
+                        return outcomes  # type: ignore[return-value]
+                    outcomes[pending[0]] = ("failed", "413 request_entity_too_large: the document alone is larger "
+                                                      "than Elasticsearch's http.max_content_length")
+                    pending = []
+                    continue
                 if err.meta.status not in RETRY_STATUSES:
                     raise
                 _LOG.warning("Elasticsearch refused a bulk of %d documents for %s as a whole (HTTP %d)",
@@ -314,15 +323,14 @@ class BulkWriter:
                 time.sleep(delay)
                 attempt += 1
                 if refused_in_a_row >= self._split_after and len(retry) > 1:
-                    self._write_halves(docs, retry, outcomes)
+                    self._write_halves(docs, retry, outcomes, f"was refused with 429 {refused_in_a_row} times in a row")
                     return outcomes  # type: ignore[return-value]
             pending = retry
         return outcomes  # type: ignore[return-value]
 
     def _write_halves(self, docs: list[dict[str, Any]], pending: list[int],
-                      outcomes: list[tuple[str, str] | None]) -> None:
-        _LOG.warning("Elasticsearch refused a bulk of %d documents %d times in a row; sending it in halves",
-                     len(pending), self._split_after)
+                      outcomes: list[tuple[str, str] | None], why: str) -> None:
+        _LOG.warning("a bulk of %d documents for %s %s; sending it in halves", len(pending), self._index, why)
         half = len(pending) // 2
         for part in (pending[:half], pending[half:]):
             for i, outcome in zip(part, self.write([docs[i] for i in part])):
