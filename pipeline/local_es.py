@@ -261,10 +261,11 @@ def _make_certificates(home: Path, config: Path, env: dict[str, str]) -> Path:
 
 def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = False, heap: str = "512m",
           username: str = "newsbeam-admin", password: str | None = None, timeout: float = 180.0,
-          tls: bool = False) -> Instance:
+          tls: bool = False, node_settings: dict[str, object] | None = None) -> Instance:
     """Starts a single-node server bound to 127.0.0.1 and waits for yellow/green health.
     `tls` serves HTTPS with a CA made by elasticsearch-certutil (implies `security`); the
-    users' password is random unless given."""
+    users' password is random unless given. `node_settings` go into elasticsearch.yml last
+    (tests start a node that pushes back, e.g. a tiny `indexing_pressure.memory.limit`)."""
     security = security or tls
     password = password or secrets.token_urlsafe(24)
     home = fetch()
@@ -299,6 +300,7 @@ def start(directory: Path = DEFAULT_DIR, port: int = 9200, security: bool = Fals
                          "xpack.security.http.ssl.certificate": str(certs / "node" / "node.crt"),
                          "xpack.security.http.ssl.certificate_authorities": [str(certs / "ca" / "ca.crt")]})
         ca_certs = str(certs / "ca" / "ca.crt")
+    settings.update(node_settings or {})
     (config / "elasticsearch.yml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
     prefix = _run_as_user()
     instance = Instance(directory, port, security, username if security else "", password if security else "",

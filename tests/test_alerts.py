@@ -19,6 +19,7 @@ from newsbeam.pipeline import cli
 from newsbeam.pipeline.config import Settings
 from newsbeam.transforms.alerts import MatchAlerts, RuleBook, alert_id
 from newsbeam.transforms.article import Article
+from newsbeam.transforms.clock import epoch
 from newsbeam.transforms.delivery import DeliveryError, DeliveryLoop, Outbox, Senders, target_id
 from newsbeam.transforms.elastic import connect, ensure_indices
 from newsbeam.transforms.rules import Rule, parse_target, spacy_lemmatizer
@@ -27,6 +28,7 @@ from tests.support.cli import newsbeam, start_newsbeam
 from tests.support.config import write_config
 from tests.support.feedserver import fixture_articles, rss
 from tests.support.receivers import SmtpReceiver, WebhookReceiver
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -82,6 +84,14 @@ def alert_docs(es, settings: Settings, rule: str) -> list[dict]:
     return [hit["_source"] for hit in hits]
 
 
+def delivered(es, settings: Settings, rule: str, count: int) -> list[dict]:
+    """The rule's alert documents once all `count` show every delivery done; [] until then."""
+    docs = alert_docs(es, settings, rule)
+    done = len(docs) == count and all(not doc["pending_targets"] and
+                                      all(d["status"] == "delivered" for d in doc["deliveries"]) for doc in docs)
+    return docs if done else []
+
+
 @pytest.mark.slow
 def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es, alert_settings, delivery):
     with WebhookReceiver() as hook:
@@ -89,25 +99,28 @@ def test_a_webhook_down_for_a_stretch_gets_every_match_once_after_it_recovers(es
         save_rule(es, alert_settings, Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",)))
         articles = [enriched(n) for n in range(12)]
         match_in_pipeline(alert_settings, articles, [a.article_id for a in articles])
-        time.sleep(4)  # the target stays down: attempts are refused and backed off
+        assert wait_until(lambda: len(hook.refused) >= 3, timeout=60), "the down target was not retried"
         assert hook.bodies() == []
-        # One failing target is paused as a whole, not hammered once per pending alert.
-        assert 2 <= len(hook.refused) <= 12
         docs = alert_docs(es, alert_settings, "vents")
         assert len(docs) == 12 and all(doc["pending_targets"] == [tid(f"webhook:{hook.url('/hook')}")] for doc in docs)
-        assert any(d["deliveries"][0]["attempts"] >= 1 and d["deliveries"][0]["last_error"].startswith("HTTP 503")
-                   for d in docs)
+        # One failing target is paused as a whole, not hammered once per pending alert: every
+        # refused attempt was its oldest alert.
+        assert len({r["body"]["alert_id"] for r in hook.refused}) == 1
+        tried = [d for d in docs if d["deliveries"][0]["attempts"]]
+        assert len(tried) == 1 and tried[0]["deliveries"][0]["last_error"].startswith("HTTP 503")
 
         hook.recover("/hook")
-        hook.wait_for(12, timeout=20)
-        time.sleep(1.5)  # nothing more arrives: no duplicates
+        docs = wait_until(lambda: delivered(es, alert_settings, "vents", 12), timeout=120)
+        assert docs, "the alerts were not all delivered after the target recovered"
         bodies = hook.bodies()
         assert sorted(b["alert_id"] for b in bodies) == sorted(alert_id("vents", a.article_id) for a in articles)
-        assert len({r["headers"]["Idempotency-Key"] for r in hook.received}) == 12
+        keys = {r["body"]["alert_id"]: r["headers"]["Idempotency-Key"] for r in hook.received}
+        assert len(set(keys.values())) == 12
+        # The retries of the oldest alert carried the key it was finally delivered with.
+        assert {(r["body"]["alert_id"], r["headers"]["Idempotency-Key"]) for r in hook.refused} == {
+            (alert_id, keys[alert_id]) for alert_id in {r["body"]["alert_id"] for r in hook.refused}}
         assert bodies[0]["type"] == "alert" and bodies[0]["matched_terms"] == ["ventilators"]
         assert "**ventilators**" in bodies[0]["snippet"]
-        docs = alert_docs(es, alert_settings, "vents")
-        assert all(doc["pending_targets"] == [] and doc["deliveries"][0]["status"] == "delivered" for doc in docs)
 
 
 @pytest.mark.slow
@@ -120,17 +133,22 @@ def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es,
         articles = [enriched(n) for n in range(3)]
         match_in_pipeline(alert_settings, articles, [a.article_id for a in articles])
         hook.recover("/hook")
-        hook.stall("/hook", 1.5)
+        hook.stall("/hook", 5.0)
         pickled = tmp_path / "settings.pickle"
         pickled.write_bytes(pickle.dumps(alert_settings))
-        exiting = ("import pickle, sys, time\n"
+        exiting = ("import pickle, sys\n"
                    "from newsbeam.transforms.delivery import DeliveryLoop\n"
                    "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
                    "DeliveryLoop.connect(settings.elasticsearch, settings.alerts).start().wake()\n"
-                   "time.sleep(0.5)  # exit while the first webhook call is stalled\n")
-        exited = subprocess.run([sys.executable, "-c", exiting, str(pickled)], cwd=REPO, capture_output=True,
-                                text=True, timeout=120)
-        assert exited.returncode == 0, exited.stderr[-3000:]
+                   "sys.stdin.readline()  # exit once told: the first webhook call has arrived and is stalled\n")
+        process = subprocess.Popen([sys.executable, "-c", exiting, str(pickled)], cwd=REPO, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_until(hook.bodies, timeout=120), "the first webhook call never arrived"
+            _, stderr = process.communicate("\n", timeout=120)
+        finally:
+            process.kill()
+        assert process.returncode == 0, stderr[-3000:]
         assert len(hook.bodies()) == 1  # it was sending the first one when asked to exit
         docs = alert_docs(es, alert_settings, "vents")
         assert all(record["claimed_until"] is None for doc in docs for record in doc["deliveries"]), repr([d["deliveries"] for d in docs])
@@ -141,33 +159,30 @@ def test_a_process_that_exits_mid_delivery_leaves_no_alert_claimed(tmp_path, es,
 
 
 @pytest.mark.slow
-def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings, delivery):
+def test_a_burst_of_50_matches_under_a_digest_is_one_message(es, alert_settings):
+    """The outbox's clock is moved on past the digest window: nothing goes out while the
+    window is open, one message when it has closed, whatever the machine's speed."""
     with WebhookReceiver() as hook:
         save_rule(es, alert_settings, Rule("burst", "ventilator", notify=(f"webhook:{hook.url('/digest')}",),
-                                           digest_seconds=4))
+                                           digest_seconds=600))
         burst = [enriched(n) for n in range(50)]
         match_in_pipeline(alert_settings, burst, [a.article_id for a in burst])
-        first = min(doc["matched_at"] for doc in alert_docs(es, alert_settings, "burst"))
-        if time.time() < _epoch(first) + 3.5:
-            assert hook.bodies() == []  # the window is still open
-        hook.wait_for(1, timeout=20)
-        time.sleep(1.5)
+        first = min(epoch(doc["matched_at"]) for doc in alert_docs(es, alert_settings, "burst"))
+        assert Outbox(es, alert_settings.alerts, clock=lambda: first + 599).sweep() == 0
+        assert hook.bodies() == []  # the window is still open
+        assert Outbox(es, alert_settings.alerts, clock=lambda: first + 601).sweep() == 50
         [digest] = hook.bodies()
         assert digest["type"] == "digest" and digest["rule"] == "burst" and digest["count"] == 50
         assert sorted(a["article"]["article_id"] for a in digest["alerts"]) == sorted(a.article_id for a in burst)
+        assert delivered(es, alert_settings, "burst", 50)
 
         # Re-processed articles are already alerted; only the 5 new ones make the next digest.
         later = [enriched(n) for n in range(50, 55)]
         match_in_pipeline(alert_settings, burst[:3] + later, [a.article_id for a in later])
-        hook.wait_for(2, timeout=20)
-        time.sleep(1.5)
+        newest = max(epoch(doc["matched_at"]) for doc in alert_docs(es, alert_settings, "burst"))
+        assert Outbox(es, alert_settings.alerts, clock=lambda: newest + 601).sweep() == 5
         assert [body["count"] for body in hook.bodies()] == [50, 5]
-        assert all(doc["pending_targets"] == [] for doc in alert_docs(es, alert_settings, "burst"))
-
-
-def _epoch(value: str) -> float:
-    from newsbeam.transforms.clock import epoch
-    return epoch(value)
+        assert delivered(es, alert_settings, "burst", 55)
 
 
 def nasty_alert() -> dict:

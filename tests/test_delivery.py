@@ -38,7 +38,8 @@ from tests.support.cli import newsbeam
 from tests.support.feedserver import fixture_articles, rss
 from tests.support.loopback import LoopbackServer, QuietHandler
 from tests.support.receivers import SmtpReceiver, WebhookReceiver
-from tests.test_alerts import alert_docs, cli_config, enriched, match_in_pipeline, save_rule
+from tests.support.waiting import wait_until
+from tests.test_alerts import alert_docs, cli_config, delivered, enriched, match_in_pipeline, save_rule
 
 
 @pytest.fixture
@@ -49,16 +50,6 @@ def alert_settings(settings) -> Settings:
                                  sweep_interval=0.5, retry_initial=0.5, retry_max=2.0, webhook_timeout=1.0,
                                  claim_seconds=30.0, smtp=dataclasses.replace(settings.alerts.smtp, timeout=2.0))
     return dataclasses.replace(settings, alerts=alerts, poll_interval=5.0)
-
-
-def wait_until(condition, timeout: float = 60.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    return condition()
 
 
 def store_alerts(es, settings: Settings, rule: Rule, numbers: range, matched_at: float) -> list[str]:
@@ -154,6 +145,65 @@ def test_a_target_longer_than_1024_characters_is_counted_pending_and_delivered(e
         messages = smtp.wait_for(2)
         assert len(messages) == 2 and sorted(smtp.envelopes[0][1]) == sorted(recipients)
     assert collect_status(es, settings)["alerts"]["pending_delivery"] == 0
+
+
+# --- a target that fails, then recovers ----------------------------------------------------
+
+def keys_by_alert(records: list[dict]) -> dict[str, set[str]]:
+    keys: dict[str, set[str]] = {}
+    for record in records:
+        keys.setdefault(record["body"]["alert_id"], set()).add(record["headers"]["Idempotency-Key"])
+    return keys
+
+
+@pytest.mark.parametrize("how", ["503", "hang", "trickle", "slow-body"])
+def test_a_webhook_that_fails_its_first_attempts_gets_each_alert_once_with_one_idempotency_key(
+        how, es, alert_settings):
+    """503s, a target that accepts and never answers (webhook_timeout 1 s), one that trickles
+    its headers and one that trickles its error body: the first three attempts fail, each is
+    retried, and once the target answers every alert arrives once, its retries under the same
+    Idempotency-Key."""
+    with WebhookReceiver() as hook:
+        hook.fail("/hook", how=how, times=3)
+        rule = Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",))
+        save_rule(es, alert_settings, rule)
+        ids = store_alerts(es, alert_settings, rule, range(4), time.time())
+        loop = DeliveryLoop(es, alert_settings.alerts).start()
+        try:
+            docs = wait_until(lambda: delivered(es, alert_settings, "vents", 4), timeout=120)
+        finally:
+            loop.stop()
+        assert docs, f"not delivered: {[d['deliveries'] for d in alert_docs(es, alert_settings, 'vents')]}"
+        assert [r["how"] for r in hook.refused] == [how] * 3  # the fault happened, three times
+        assert sorted(body["alert_id"] for body in hook.bodies()) == sorted(ids)  # each once
+        retried = keys_by_alert(hook.refused)
+        assert set(retried) == {ids[0]}  # the target is paused as a whole: only its oldest alert was tried
+        assert keys_by_alert(hook.received)[ids[0]] == retried[ids[0]]  # one key for every try of it
+        assert len({key for keys in keys_by_alert(hook.received).values() for key in keys}) == 4
+        first = next(d for d in docs if d["alert_id"] == ids[0])["deliveries"][0]
+        assert first["attempts"] == 4 and first["last_error"] == ""
+
+
+def test_a_webhook_refusing_connections_gets_each_alert_once_when_it_comes_up(es, alert_settings):
+    port = closed_port()
+    rule = Rule("vents", "ventilators", notify=(f"webhook:http://127.0.0.1:{port}/hook",))
+    save_rule(es, alert_settings, rule)
+    ids = store_alerts(es, alert_settings, rule, range(3), time.time())
+    loop = DeliveryLoop(es, alert_settings.alerts).start()
+    try:
+        def refused_twice() -> bool:
+            return any(d["deliveries"][0]["attempts"] >= 2 for d in alert_docs(es, alert_settings, "vents"))
+
+        assert wait_until(refused_twice, timeout=60), "the target was not retried"
+        errors = {d["deliveries"][0]["last_error"] for d in alert_docs(es, alert_settings, "vents")} - {""}
+        assert errors and all("ConnectionRefusedError" in error for error in errors), errors
+        with WebhookReceiver(port=port) as hook:
+            docs = wait_until(lambda: delivered(es, alert_settings, "vents", 3), timeout=120)
+            assert docs, f"not delivered: {[d['deliveries'] for d in alert_docs(es, alert_settings, 'vents')]}"
+    finally:
+        loop.stop()
+    assert sorted(body["alert_id"] for body in hook.bodies()) == sorted(ids)
+    assert max(d["deliveries"][0]["attempts"] for d in docs) >= 3
 
 
 # --- the guarded sender ------------------------------------------------------------------

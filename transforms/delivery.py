@@ -367,10 +367,11 @@ class TargetStates:
     """Back-off per target, one document per failing target in `<alerts index>-targets`:
     every deliverer sees it, and a restart does not hammer a target that was down."""
 
-    def __init__(self, client: Elasticsearch, settings: AlertSettings):
+    def __init__(self, client: Elasticsearch, settings: AlertSettings, clock: Callable[[], float] = time.time):
         self._client = client
         self._settings = settings
         self._index = target_state_index(settings)
+        self._clock = clock
 
     def read(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         if not ids:
@@ -385,7 +386,7 @@ class TargetStates:
         """Records a failure; returns the new state, whose `not_before` is the next try."""
         failures = (state or {}).get("failures", 0) + 1
         delay = min(self._settings.retry_max, self._settings.retry_initial * 2 ** (failures - 1))
-        now = time.time()
+        now = self._clock()
         new = {"target_id": tid, "target_label": label, "failures": failures,
                "not_before": iso(now + delay * random.uniform(0.8, 1.0)), "last_error": error[:500],
                "updated_at": iso(now)}
@@ -434,19 +435,21 @@ class Outbox:
     """Sends due deliveries from the alerts index; `sweep()` does one pass over every target
     with something pending. `more` is True after a sweep that left due work behind (a full
     page), so the caller sweeps again at once. Setting `stopping` ends a sweep after the
-    delivery in progress."""
+    delivery in progress. `clock` is the time the outbox goes by (tests move it on to close
+    a digest window)."""
 
     def __init__(self, client: Elasticsearch, settings: AlertSettings, senders: Senders | None = None,
-                 stopping: threading.Event | None = None):
+                 stopping: threading.Event | None = None, clock: Callable[[], float] = time.time):
         self._client = client
         self._settings = settings
+        self._clock = clock
         self._senders = senders or Senders(settings)
         if settings.claim_seconds < self._senders.longest_send + _CLAIM_MARGIN:
             raise ConfigError(f"alerts.claim_seconds ({settings.claim_seconds:g}) must exceed the longest send "
                              f"(webhook_timeout, smtp.timeout: {self._senders.longest_send:g}s) by "
                              f"{_CLAIM_MARGIN:g}s, or slow targets get duplicate sends")
         self.longest_send = self._senders.longest_send
-        self._states = TargetStates(client, settings)
+        self._states = TargetStates(client, settings, clock)
         self.stopping = stopping or threading.Event()
         self.more = False
 
@@ -467,7 +470,7 @@ class Outbox:
                 break
             if addresses is not None and tid not in addresses:
                 self._drop(tid)
-            elif addresses is not None and epoch(states.get(tid, {}).get("not_before") or iso(0)) <= time.time():
+            elif addresses is not None and epoch(states.get(tid, {}).get("not_before") or iso(0)) <= self._clock():
                 delivered += self._deliver_to(tid, addresses[tid], states.get(tid))
         return delivered
 
@@ -513,7 +516,7 @@ class Outbox:
         """The oldest page of this target's pending alerts: each sent on its own, digests of
         a rule as one message. The first failure backs the target off and ends its turn."""
         hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
-        now = time.time()
+        now = self._clock()
 
         def mine(alert: dict[str, Any]) -> list[dict[str, Any]]:
             return [r for r in alert["deliveries"] if r.get("target_id") == tid and _claimable(r, now)]
@@ -555,7 +558,7 @@ class Outbox:
         written before targets had ids are first given them (and so their address leaves
         the alert), then delivered by the next sweep."""
         hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
-        now = time.time()
+        now = self._clock()
         dropped: list[str] = []
         for hit in hits:
             if _give_targets_ids(hit["_source"]):
@@ -595,7 +598,7 @@ class Outbox:
             records = select(hit["_source"])
             if not records:
                 return None
-            until = iso(time.time() + self._settings.claim_seconds)
+            until = iso(self._clock() + self._settings.claim_seconds)
             for record in records:
                 record["claimed_until"] = until
             held = self._write(_Held(hit["_id"], hit["_source"], hit["_seq_no"], hit["_primary_term"]))
@@ -618,7 +621,7 @@ class Outbox:
     def _deliver_digest(self, rule: str, tid: str, target: Target, state: dict[str, Any] | None
                         ) -> tuple[int, dict[str, Any] | None]:
         """One message listing every pending alert of `rule` for the target."""
-        now = time.time()
+        now = self._clock()
         hits = self._search({"bool": {"filter": [{"term": {"rule": rule}}, {"term": {"pending_targets": tid}}]}},
                             sort=[{"matched_at": "asc"}], size=_DIGEST_LIMIT)
         held, records = [], []
@@ -641,7 +644,7 @@ class Outbox:
         and in the target's back-off; returns (deliveries made, the target's state)."""
         label = target_label(target)
         try:
-            self._senders.send(target, rule, alerts, digest, time.time())
+            self._senders.send(target, rule, alerts, digest, self._clock())
         except DeliveryError as err:
             state = self._states.failed(tid, label, str(err), state)
             _LOG.warning("alert delivery to %s failed (%s); failure %d in a row, next try at %s", label, err,
@@ -652,7 +655,7 @@ class Outbox:
             return 0, state
         self._states.succeeded(tid, state)
         for record in records:
-            record.update(status=DELIVERED, attempts=record["attempts"] + 1, delivered_at=iso(time.time()),
+            record.update(status=DELIVERED, attempts=record["attempts"] + 1, delivered_at=iso(self._clock()),
                           last_error="")
         return len(records), None
 

@@ -251,30 +251,38 @@ def _bootstrap_alias(client: Elasticsearch, alias: str) -> None:
 class BulkWriter:
     """Bulk-writes documents with our own retry: transport errors and 429/502/503/504 are
     retried with capped exponential back-off and jitter, a 409 on `create` counts as
-    already written, any other per-item error is returned as permanent."""
+    already written, any other per-item error is returned as permanent. A batch refused
+    with 429 as a whole (the request, or every item in it) `split_after` times in a row is
+    sent in halves: a node whose indexing pressure limit is below the batch's size would
+    refuse it for ever. A request over the server's size limit (413) is sent in halves at
+    once, and a document too large on its own is returned as failed."""
 
     def __init__(self, client: Elasticsearch, index: str, id_field: str, op: str = "create",
-                 max_backoff: float = 30.0, on_retry=None):
+                 max_backoff: float = 30.0, on_retry=None, split_after: int = 2):
         self._client = client
         self._index = index
         self._id_field = id_field
         self._op = op
         self._max_backoff = max_backoff
         self._on_retry = on_retry or (lambda count: None)
+        self._split_after = split_after
 
     def write(self, docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
         """Returns one (outcome, detail) per doc: ('written'|'exists'|'failed', reason)."""
         outcomes: list[tuple[str, str] | None] = [None] * len(docs)
         pending = list(range(len(docs)))
         attempt = 0
+        refused_in_a_row = 0  # attempts in which Elasticsearch answered 429 for every pending doc
         while pending:
             operations: list[Any] = []
             for i in pending:
                 operations.append({self._op: {"_index": self._index, "_id": docs[i][self._id_field]}})
                 operations.append(docs[i])
             retry = []
+            refused = False
             try:
                 response = self._client.bulk(operations=operations)
+                too_many = 0
                 for i, item in zip(pending, response["items"]):
                     result = item[self._op]
                     status = result.get("status", 500)
@@ -284,24 +292,50 @@ class BulkWriter:
                         outcomes[i] = ("exists", "")
                     elif status in RETRY_STATUSES:
                         retry.append(i)
+                        too_many += status == 429
                     else:
                         error = result.get("error", {})
                         outcomes[i] = ("failed", f"{status} {error.get('type', '')}: {error.get('reason', '')}")
+                refused = too_many == len(pending)
             except ApiError as err:
+                if err.meta.status == 413:  # larger than http.max_content_length: smaller requests, no retry
+                    if len(pending) > 1:
+                        self._write_halves(docs, pending, outcomes, "was too large (HTTP 413)")
+                        return outcomes  # type: ignore[return-value]
+                    outcomes[pending[0]] = ("failed", "413 request_entity_too_large: the document alone is larger "
+                                                      "than Elasticsearch's http.max_content_length")
+                    pending = []
+                    continue
                 if err.meta.status not in RETRY_STATUSES:
                     raise
+                _LOG.warning("Elasticsearch refused a bulk of %d documents for %s as a whole (HTTP %d)",
+                             len(pending), self._index, err.meta.status)
+                refused = err.meta.status == 429
                 retry = pending
             except TransportError as err:
-                _LOG.warning("Elasticsearch unreachable (%s); %d documents wait for it", type(err).__name__, len(pending))
+                _LOG.warning("Elasticsearch unreachable (%s); %d documents for %s wait for it", type(err).__name__,
+                             len(pending), self._index)
                 retry = pending
+            refused_in_a_row = refused_in_a_row + 1 if refused else 0
             if retry:
                 self._on_retry(len(retry))
                 delay = min(self._max_backoff, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)
                 _LOG.info("retrying %d documents in %.1fs (attempt %d)", len(retry), delay, attempt + 1)
                 time.sleep(delay)
                 attempt += 1
+                if refused_in_a_row >= self._split_after and len(retry) > 1:
+                    self._write_halves(docs, retry, outcomes, f"was refused with 429 {refused_in_a_row} times in a row")
+                    return outcomes  # type: ignore[return-value]
             pending = retry
         return outcomes  # type: ignore[return-value]
+
+    def _write_halves(self, docs: list[dict[str, Any]], pending: list[int],
+                      outcomes: list[tuple[str, str] | None], why: str) -> None:
+        _LOG.warning("a bulk of %d documents for %s %s; sending it in halves", len(pending), self._index, why)
+        half = len(pending) // 2
+        for part in (pending[:half], pending[half:]):
+            for i, outcome in zip(part, self.write([docs[i] for i in part])):
+                outcomes[i] = outcome
 
 
 class WriteFn(PooledBatchingDoFn):

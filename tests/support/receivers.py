@@ -14,16 +14,21 @@ from tests.support.loopback import LoopbackServer, QuietHandler
 
 
 class WebhookReceiver(LoopbackServer):
-    """Records every POST as {time, path, headers, body (JSON)}. A path that was told to
-    `fail()` answers 503 until `recover()`; those attempts are recorded in `refused`. A path
-    that was told to `stall()` answers only after that many seconds."""
+    """Records every POST as {time, path, headers, body (JSON)}. A path told to `fail()`
+    misbehaves until `recover()` (or for its first `times` requests): `how` is "503" (answers
+    503), "hang" (reads the request and never answers), "trickle" (answers a status line,
+    then a header line every 0.2 s, never finishing) or "slow-body" (answers 503 with a 2 kB
+    body, sent a byte every 0.2 s). Those requests are recorded in `refused`
+    (with `how`), the others in `received`. A path told to `stall()` answers only after that
+    many seconds. `port` binds a given port (a target that was refusing connections comes up)."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.received: list[dict[str, Any]] = []
         self.refused: list[dict[str, Any]] = []
-        self.failing: set[str] = set()
+        self.failing: dict[str, tuple[str, int | None]] = {}
         self.stalls: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         receiver = self
 
         class Handler(QuietHandler):
@@ -32,20 +37,52 @@ class WebhookReceiver(LoopbackServer):
                 record = {"time": time.time(), "path": self.path, "headers": dict(self.headers),
                           "body": json.loads(body or b"null")}
                 with receiver._lock:
-                    down = self.path in receiver.failing
-                    (receiver.refused if down else receiver.received).append(record)
+                    how = receiver._fault(self.path)
+                    (receiver.refused if how else receiver.received).append({**record, "how": how} if how else record)
                     stall = receiver.stalls.get(self.path, 0.0)
+                if how == "hang":
+                    receiver._closed.wait()
+                    self.close_connection = True
+                    return
+                if how in ("trickle", "slow-body"):
+                    self._trickle(how == "slow-body")
+                    return
                 time.sleep(stall)
-                self.send_response(503 if down else 200)
+                self.send_response(503 if how else 200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
 
-        super().__init__(Handler)
+            def _trickle(self, body: bool):
+                head = b"HTTP/1.1 503 Busy\r\nContent-Length: 2048\r\n\r\n" if body else b"HTTP/1.1 200 OK\r\n"
+                try:
+                    self.wfile.write(head)
+                    for number in range(3000):
+                        if receiver._closed.wait(0.2):
+                            break
+                        self.wfile.write(b"x" if body else f"X-Slow-{number}: 1\r\n".encode())
+                        self.wfile.flush()
+                except OSError:
+                    pass
+                self.close_connection = True
 
-    def fail(self, path: str) -> None:
+        super().__init__(Handler, port=port)
+
+    def _fault(self, path: str) -> str | None:
+        """How this request to `path` misbehaves (None: answered); counts down `times`."""
+        if path not in self.failing:
+            return None
+        how, left = self.failing[path]
+        if left is not None:
+            if left <= 1:
+                del self.failing[path]
+            else:
+                self.failing[path] = (how, left - 1)
+        return how
+
+    def fail(self, path: str, how: str = "503", times: int | None = None) -> None:
         with self._lock:
-            self.failing.add(path)
+            self.failing[path] = (how, times)
 
     def stall(self, path: str, seconds: float) -> None:
         with self._lock:
@@ -53,7 +90,11 @@ class WebhookReceiver(LoopbackServer):
 
     def recover(self, path: str) -> None:
         with self._lock:
-            self.failing.discard(path)
+            self.failing.pop(path, None)
+
+    def __exit__(self, *exc) -> None:
+        self._closed.set()  # hanging and trickling handlers end
+        super().__exit__(*exc)
 
     def url(self, path: str = "/hook") -> str:
         return super().url(path)

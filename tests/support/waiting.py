@@ -9,7 +9,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str, every: float = 0.5) -> T:
+def wait_until(condition: Callable[[], T], timeout: float = 60.0, what: str = "the condition held",
+               every: float = 0.2) -> T:
     """The first truthy value of `condition()`, polled every `every` seconds; AssertionError
     naming `what` when `timeout` seconds pass without one."""
     deadline = time.monotonic() + timeout
