@@ -217,7 +217,8 @@ def test_a_node_answering_429_to_whole_bulk_requests_gets_every_article_in_small
     (HTTP 429, not per-item statuses); the writer retries, then splits the batch until the node takes it."""
     settings = dataclasses.replace(es_settings, url=pushback_es_node.url)
     node = Elasticsearch(pushback_es_node.url, request_timeout=30)
-    docs = [{**doc, "body": f"Dock workers unloaded cargo ship {i}. " * 70} for i, doc in enumerate(articles(100))]
+    docs = [dataclasses.replace(doc, body=f"Dock workers unloaded cargo ship {i}. " * 70)
+            for i, doc in enumerate(articles(100))]
     rejected_before = coordinating_rejections(pushback_es_node)
     counters = run_index_within(settings, docs, timeout=240)
     rejections = coordinating_rejections(pushback_es_node) - rejected_before
@@ -244,8 +245,9 @@ def test_an_article_larger_than_the_node_takes_is_a_dead_letter_and_the_rest_are
     settings = dataclasses.replace(es_settings, url=pushback_es_node.url)
     ensure_indices(connect(settings), settings)
     node = Elasticsearch(pushback_es_node.url, request_timeout=30)
-    docs = [{**doc, "body": f"Dock workers unloaded cargo ship {i}. " * 25} for i, doc in enumerate(articles(30))]
-    docs[7]["body"] = "A very long harbour report. " * 11_000  # ~300 kB
+    docs = [dataclasses.replace(doc, body=f"Dock workers unloaded cargo ship {i}. " * 25)
+            for i, doc in enumerate(articles(30))]
+    docs[7] = dataclasses.replace(docs[7], body="A very long harbour report. " * 11_000)  # ~300 kB
     counters = run_index_within(es_settings, docs, timeout=240, writer=settings)
     assert counters is not None, "the writer was still retrying after 240 s"
     node.indices.refresh(index=settings.articles_alias)
