@@ -414,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         from newsbeam.pipeline.runner import error_stream
         error = err.info.get("error") if isinstance(err.info, dict) else None
         reason = str(error.get("reason", "") if isinstance(error, dict) else error or "")
-        print(f"newsbeam: error: Elasticsearch refused the request (HTTP {err.meta.status} {err.message}): "
-              f"{reason[:500]}", file=error_stream())
+        kind = f" {err.message}" if isinstance(err.message, str) and err.message not in ("", "None") else ""
+        hint = "; the credentials' role does not allow it" if err.meta.status == 403 else ""
+        print(f"newsbeam: error: Elasticsearch refused the request (HTTP {err.meta.status}{kind}){hint}"
+              f"{': ' + reason[:500] if reason else ''}", file=error_stream())
         return 2
     except BrokenPipeError:
         return 0
