@@ -33,9 +33,9 @@ from newsbeam.transforms.rules import (
 
 
 def _client(settings: Settings):
-    from newsbeam.transforms.elastic import connect, ensure_indices
+    from newsbeam.transforms.elastic import connect, prepare_indices
     client = connect(settings.elasticsearch)
-    ensure_indices(client, settings.elasticsearch, settings.alerts)
+    prepare_indices(client, settings.elasticsearch, settings.alerts)
     return client
 
 

@@ -171,7 +171,7 @@ def cmd_run(argv: list[str]) -> int:
     from newsbeam.pipeline.runner import apply_profile, choose_runner, make_runner, profile_for, quiet_stop_noise
     from newsbeam.transforms.alerts import volume_job
     from newsbeam.transforms.delivery import DeliveryLoop
-    from newsbeam.transforms.elastic import connect, ensure_indices
+    from newsbeam.transforms.elastic import connect, prepare_indices
     from newsbeam.transforms.topics import Taxonomy
 
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: for a run that seems stuck
@@ -193,7 +193,7 @@ def cmd_run(argv: list[str]) -> int:
     _LOG.info("spaCy runs in %s, feedparser in %s", _workers(settings.nlp.processes),
               _workers(settings.fetch.parse_processes))
     client = connect(settings.elasticsearch)
-    ensure_indices(client, settings.elasticsearch, settings.alerts)
+    prepare_indices(client, settings.elasticsearch, settings.alerts)
     _LOG.info("polling %d feed(s) every %gs into %s (alias %s)%s", len(settings.feeds), settings.poll_interval,
               redact_url(settings.elasticsearch.url), settings.elasticsearch.articles_alias,
               f" for {options.duration:g}s" if options.duration else "; Ctrl-C to stop")
@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("elastic_transport", "urllib3", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from elasticsearch import ApiError
+
     from newsbeam.transforms.elastic import ElasticsearchUnavailable
     try:
         if args.command == "run":
@@ -401,6 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ElasticsearchUnavailable, RuntimeError) as err:
         from newsbeam.pipeline.runner import error_stream
         print(f"newsbeam: error: {err}", file=error_stream())
+        return 2
+    except ApiError as err:  # e.g. a 403 for credentials whose role does not cover the command
+        from newsbeam.pipeline.runner import error_stream
+        error = err.info.get("error") if isinstance(err.info, dict) else None
+        reason = str(error.get("reason", "") if isinstance(error, dict) else error or "")
+        kind = f" {err.message}" if isinstance(err.message, str) and err.message not in ("", "None") else ""
+        hint = "; the credentials' role does not allow it" if err.meta.status == 403 else ""
+        print(f"newsbeam: error: Elasticsearch refused the request (HTTP {err.meta.status}{kind}){hint}"
+              f"{': ' + reason[:500] if reason else ''}", file=error_stream())
         return 2
     except BrokenPipeError:
         return 0

@@ -365,6 +365,34 @@ def stop(directory: Path = DEFAULT_DIR, timeout: float = 60.0) -> None:
     _say(f"stopped (pid {pid})")
 
 
+def role_shape(role: dict) -> dict:
+    """A role's cluster and index privileges, in an order that does not matter."""
+    return {"cluster": sorted(role.get("cluster", [])),
+            "indices": sorted((sorted(entry["names"]), sorted(entry["privileges"])) for entry in role.get("indices", []))}
+
+
+def held_role(instance: Instance) -> dict:
+    """The privileges Elasticsearch grants the writer user now (GET _security/user/_privileges,
+    which reads file-realm roles too), as `role_shape` puts them."""
+    writer = dataclasses.replace(instance, username=WRITER_USER)
+    return role_shape(writer.request("GET", "/_security/user/_privileges"))
+
+
+def install_role(instance: Instance, role: dict, timeout: float = 60.0) -> dict:
+    """Makes `role` the writer user's role: rewrites roles.yml, which Elasticsearch reloads
+    within seconds (the bare server has no role API: that needs the .security index), and
+    waits until the node grants exactly that. Returns what the node grants."""
+    (instance.directory / "config" / "roles.yml").write_text(es_role.roles_file(role))
+    wanted = role_shape(role)
+    deadline = time.monotonic() + timeout
+    while (held := held_role(instance)) != wanted:
+        if time.monotonic() > deadline:
+            raise LocalEsError(f"Elasticsearch did not load the role from roles.yml within {timeout:g}s: "
+                               f"it grants {held}")
+        time.sleep(0.5)
+    return held
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m newsbeam.pipeline.local_es", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["fetch", "start", "stop", "status"])
@@ -382,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             print(instance.url)
             if instance.ca_certs:
                 _say(f"CA certificate: {instance.ca_certs} (ELASTICSEARCH_CA_CERTS)")
+            if instance.security:
+                _say(f"users {instance.username} (superuser) and {WRITER_USER} (the pipeline's role), password in "
+                     f"{instance.directory / 'instance.json'}: run `newsbeam es setup` as {instance.username} once, "
+                     f"then `newsbeam run` as {WRITER_USER}")
         elif args.command == "stop":
             stop(args.dir)
         else:

@@ -1,4 +1,5 @@
-"""`newsbeam status` (what the last runs left in the indices) and
+"""`newsbeam status` (what the last runs left in the indices), `newsbeam es setup` (the index
+templates and indices, made once with an administrator's credentials) and
 `newsbeam es create-api-key` (a least-privilege key for the pipeline)."""
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from elasticsearch import ApiError, Elasticsearch
 from newsbeam.pipeline import es_role
 from newsbeam.pipeline.config import Settings, settings_from_args
 from newsbeam.transforms.delivery import target_state_index
-from newsbeam.transforms.elastic import ElasticsearchUnavailable, connect
+from newsbeam.transforms.elastic import (
+    ElasticsearchUnavailable,
+    connect,
+    ensure_indices,
+    index_registry,
+    missing_setup,
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -22,6 +29,11 @@ def add_parsers(sub: Any) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     es = sub.add_parser("es", help="Elasticsearch administration")
     es_sub = es.add_subparsers(dest="es_command", required=True)
+    setup = es_sub.add_parser("setup", help="create or update newsbeam's index templates and indices "
+                                            "(needs an admin's credentials in the environment; an unsecured "
+                                            "node needs none, `newsbeam run` does it there)")
+    setup.add_argument("--config", default=None)
+    setup.add_argument("--es-url", dest="es_url", default=None)
     key = es_sub.add_parser("create-api-key", help="create a least-privilege API key for `newsbeam run` "
                                                    "(needs an admin's credentials in the environment)")
     key.add_argument("--name", default="newsbeam-pipeline")
@@ -35,6 +47,17 @@ def pipeline_role(settings: Settings) -> dict[str, Any]:
     es, alerts = settings.elasticsearch, settings.alerts
     return es_role.pipeline_role(es.articles_alias, es.deadletter_index, es.feeds_index, alerts.alerts_index,
                                  alerts.rules_index)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    client = connect(settings.elasticsearch)
+    missing = missing_setup(client, settings.elasticsearch, settings.alerts)
+    ensure_indices(client, settings.elasticsearch, settings.alerts)
+    names = [spec.name for spec in index_registry(settings.elasticsearch, settings.alerts)]
+    print(f"set up: {', '.join(missing)}" if missing else "already set up", f"({len(names)} indices: "
+          f"{', '.join(names)})", file=sys.stderr)
+    return 0
 
 
 def cmd_create_api_key(args: argparse.Namespace) -> int:
@@ -136,7 +159,7 @@ def print_status(status: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "es":
-        return cmd_create_api_key(args)
+        return cmd_setup(args) if args.es_command == "setup" else cmd_create_api_key(args)
     settings = settings_from_args(args)
     status = collect_status(connect(settings.elasticsearch), settings)
     if args.json:

@@ -65,7 +65,11 @@ def es(es_url) -> Elasticsearch:
 @pytest.fixture(scope="session")
 def secure_es_node():
     """A second node with security on and HTTPS (CA from elasticsearch-certutil; file-realm
-    users made with elasticsearch-users)."""
+    users made with elasticsearch-users). NEWSBEAM_TEST_SECURE_ES_DIR names the folder of one
+    already started with `local_es start --tls` to reuse (its roles.yml is rewritten)."""
+    if os.environ.get("NEWSBEAM_TEST_SECURE_ES_DIR"):
+        yield local_es.Instance.load(Path(os.environ["NEWSBEAM_TEST_SECURE_ES_DIR"]).resolve())
+        return
     directory = Path(tempfile.mkdtemp(prefix="newsbeam-test-secure-es-"))
     instance = local_es.start(directory, port=local_es.free_port(), security=True, tls=True)
     try:

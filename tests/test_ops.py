@@ -42,11 +42,11 @@ def test_status_summarises_articles_feeds_and_dead_letters(tmp_path, es, es_sett
 def test_pipeline_role_covers_only_newsbeam_indices():
     role = pipeline_role(Settings())
     names = [name for entry in role["indices"] for name in entry["names"]]
-    assert sorted(names) == sorted(["news-articles*", "newsbeam-deadletters", "newsbeam-feeds",
+    assert sorted(names) == sorted(["news-articles", "news-articles-*", "newsbeam-deadletters", "newsbeam-feeds",
                                     "newsbeam-alerts", "newsbeam-alerts-targets", "newsbeam-rules"])
     rules = next(e for e in role["indices"] if e["names"] == ["newsbeam-rules"])
     assert set(rules["privileges"]) == {"read", "view_index_metadata"}  # rules are read-only for the pipeline
-    assert "all" not in role["cluster"]
+    assert role["cluster"] == ["monitor"]  # no template privilege: it cannot be limited to newsbeam's templates
 
 
 def test_local_es_and_the_docs_carry_the_same_role_as_create_api_key():

@@ -39,7 +39,7 @@ from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.clock import iso
 from newsbeam.transforms.deadletter import DEAD, failed, rejected
 from newsbeam.transforms.delivery import PeriodicJob, new_deliveries, summarize
-from newsbeam.transforms.elastic import BulkWriter, connect, ensure_indices
+from newsbeam.transforms.elastic import BulkWriter, connect, prepare_indices
 from newsbeam.transforms.entities import load_model
 from newsbeam.transforms.rules import (
     ArticleView,
@@ -110,7 +110,7 @@ def volume_alerts(es: ElasticsearchSettings, alerts: AlertSettings, model: str,
     """The volume rules' evaluator (transforms/volume.py), reading this module's rules index and
     writing to its alerts index."""
     return VolumeAlerts(es, alerts, model, read_rules=lambda client: read_rules(client, alerts.rules_index),
-                        ensure_indices=lambda client: ensure_indices(client, es, alerts), lemmatize=lemmatize)
+                        ensure_indices=lambda client: prepare_indices(client, es, alerts), lemmatize=lemmatize)
 
 
 def volume_job(es: ElasticsearchSettings, alerts: AlertSettings, model: str,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
@@ -19,7 +21,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from elasticsearch import ApiError, Elasticsearch, TransportError
+from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 
 from newsbeam.transforms import clock, timing
 from newsbeam.transforms.article import Article
@@ -187,9 +189,6 @@ class IndexSpec:
     name: str
     mappings: dict[str, Any]
     alias: bool = False
-    # False for the alert rules: the pipeline's role only reads them; whoever manages rules
-    # (`newsbeam alerts add|import`) creates the index.
-    pipeline_writes: bool = True
 
     @property
     def pattern(self) -> str:
@@ -202,32 +201,73 @@ def index_registry(es: ElasticsearchSettings, alerts: AlertSettings | None = Non
     specs = [IndexSpec(es.articles_alias, ARTICLE_MAPPINGS, alias=True),
              IndexSpec(es.deadletter_index, DEADLETTER_MAPPINGS), IndexSpec(es.feeds_index, FEED_MAPPINGS)]
     if alerts is not None:
-        specs += [IndexSpec(alerts.rules_index, RULE_MAPPINGS, pipeline_writes=False), IndexSpec(alerts.alerts_index, ALERT_MAPPINGS),
+        specs += [IndexSpec(alerts.rules_index, RULE_MAPPINGS), IndexSpec(alerts.alerts_index, ALERT_MAPPINGS),
                   IndexSpec(target_state_index(alerts), TARGET_STATE_MAPPINGS)]
     return tuple(specs)
 
 
+SETUP_COMMAND = "newsbeam es setup"
+
+
+def _setup_version(spec: IndexSpec) -> str:
+    """A digest of what the setup puts for `spec`: a template carrying another one was put by
+    another release (or by hand) and is set up again."""
+    shape = {"pattern": spec.pattern, "settings": INDEX_SETTINGS, "mappings": spec.mappings}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def ensure_indices(client: Elasticsearch, es: ElasticsearchSettings, alerts: AlertSettings | None = None) -> None:
-    """Creates (idempotently, safe to race) a template and the index or alias for every index in
-    the registry; once at start-up. The templates also give an index recreated by a write (after
-    someone deleted it mid-run) newsbeam's mappings instead of guessed ones."""
+    """The setup (`newsbeam es setup`, needs template and index administration): puts a template
+    and creates the index or alias for every index in the registry, idempotently and safe to race.
+    The templates also give an index recreated by a write (after someone deleted it mid-run)
+    newsbeam's mappings instead of guessed ones."""
     for spec in index_registry(es, alerts):
         client.indices.put_index_template(name=spec.name, index_patterns=[spec.pattern], priority=200,
                                           template={"settings": INDEX_SETTINGS, "mappings": spec.mappings},
-                                          meta={"managed_by": "newsbeam"})
+                                          meta={"managed_by": "newsbeam", "setup_version": _setup_version(spec)})
     for spec in index_registry(es, alerts):
         if spec.alias:
             _bootstrap_alias(client, spec.name)
         elif not client.indices.exists(index=spec.name):
-            try:
-                _create(client, spec.name)
-            except ApiError as err:
-                if spec.pipeline_writes or err.meta.status != 403:
-                    raise
-                _LOG.info("%s does not exist yet and this role may not create it: no alert rules until "
-                          "`newsbeam alerts add` or `alerts import` makes it", spec.name)
-        elif spec.pipeline_writes:  # an index made by an earlier release gets the fields added since
+            _create(client, spec.name)
+        else:  # an index made by an earlier release gets the fields added since
             client.indices.put_mapping(index=spec.name, properties=spec.mappings["properties"])
+
+
+def missing_setup(client: Elasticsearch, es: ElasticsearchSettings, alerts: AlertSettings | None = None) -> list[str]:
+    """What the setup has not made yet, or made for another release: template and index names.
+    Needs only `monitor` and `view_index_metadata`, which the pipeline's role has."""
+    missing = []
+    for spec in index_registry(es, alerts):
+        try:
+            [found] = client.indices.get_index_template(name=spec.name)["index_templates"]
+            current = (found["index_template"].get("_meta") or {}).get("setup_version") == _setup_version(spec)
+        except NotFoundError:
+            current = False
+        if not current:
+            missing.append(f"template {spec.name}")
+        exists = client.indices.exists_alias(name=spec.name) if spec.alias else client.indices.exists(index=spec.name)
+        if not exists:
+            missing.append(f"{'alias' if spec.alias else 'index'} {spec.name}")
+    return missing
+
+
+def prepare_indices(client: Elasticsearch, es: ElasticsearchSettings, alerts: AlertSettings | None = None) -> None:
+    """Start-up of `newsbeam run` and the alert commands: nothing to do when the setup is there
+    and current; otherwise it is done now, which works with credentials that may administer
+    indices (an unsecured node, an admin). The pipeline's role may not, and gets one line saying
+    what is missing and which command to run."""
+    missing = missing_setup(client, es, alerts)
+    if not missing:
+        return
+    try:
+        ensure_indices(client, es, alerts)
+    except ApiError as err:
+        if err.meta.status != 403:
+            raise
+        raise ElasticsearchUnavailable(
+            f"newsbeam's indices are not set up for this release ({', '.join(missing)}) and these credentials "
+            f"may not set them up: run `{SETUP_COMMAND}` once with an administrator's credentials") from None
 
 
 def _create(client: Elasticsearch, index: str, **body: Any) -> None:
