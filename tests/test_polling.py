@@ -160,6 +160,38 @@ def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settin
             fn.teardown()
 
 
+def test_instances_of_the_poller_in_one_process_share_polls_in_flight_and_host_limits(es_settings):
+    """A runner may run several instances of the poller in one process and hand a shard's
+    next tick to another instance (Prism does): that instance collects the poll the first one
+    left in flight instead of fetching the feed again, and both keep to one host's limits."""
+    import pickle
+
+    with HostileServer() as server, HostileServer(host="127.0.0.2") as slow_host:
+        fast = Feed(url=server.route("/fast.xml", respond(200, rss([{
+            "title": "Fast news", "link": "https://example.org/fast", "html": "<p>x</p>"}]),
+            {"Content-Type": "application/rss+xml"})))
+        slow = Feed(url=slow_host.route("/slow.xml", stall(10)))  # read timeout after 1 s
+        first = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=0.5, slack=0, tick=1.0, shards=1)
+        second = pickle.loads(pickle.dumps(first))  # how a runner makes another instance
+        first.setup()
+        second.setup()
+        try:
+            state = _State()
+            first.start_bundle()
+            list(first.process((0, (slow, fast)), tick=Timestamp.now(), states=state, backlog_state=_State()))
+            time.sleep(1.2)
+            second.start_bundle()
+            later = list(second.process((0, (slow, fast)), tick=Timestamp.now(), states=state,
+                                        backlog_state=_State()))
+            health = [o.value for o in later if getattr(o, "tag", None) == "health"]
+            assert [(h["feed_url"], h["error_class"]) for h in health] == [(slow.url, "timeout")]
+            assert slow_host.hits("/slow.xml") == 1  # not fetched again by the second instance
+            assert first._executor is second._executor  # one host's limits over both
+        finally:
+            first.teardown()
+            second.teardown()
+
+
 @pytest.mark.parametrize("parse_processes", [0, 1], ids=["parse-thread", "parse-process"])
 def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es_settings, parse_processes):
     """A feed with 40 items: 8 articles leave on the first tick, the rest wait in the backlog

@@ -24,6 +24,7 @@ import importlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -152,6 +153,7 @@ class PollShardFn(beam.DoFn):
         self._es_settings = es_settings
         self._default_interval = default_interval
         self._settle = settle
+        self._token = uuid.uuid4().hex  # the same in every instance made from this one (pickled)
         self._fetched = Metrics.counter("newsbeam", "feeds_fetched")
         self._not_modified = Metrics.counter("newsbeam", "feeds_not_modified")
         self._unchanged = Metrics.counter("newsbeam", "feeds_unchanged")
@@ -161,9 +163,12 @@ class PollShardFn(beam.DoFn):
 
     def setup(self) -> None:
         from newsbeam.transforms.elastic import connect
-        self._session = new_session(self._settings)
-        self._executor = PoliteExecutor(self._settings.concurrency, self._settings.per_host_concurrency,
-                                        self._settings.per_host_delay, self._session.timers)
+        shared = _share_polling(self._token, self._settings)
+        self._session, self._executor = shared.session, shared.executor
+        # Polls still running at the end of a tick: collected on a later tick, by whichever
+        # instance gets the shard then.
+        self._in_flight = shared.in_flight
+        self._budgets = shared.budgets
         # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
         # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
         processes = self._settings.parse_processes if isinstance(self._settings.parse_processes, int) else 0
@@ -174,9 +179,6 @@ class PollShardFn(beam.DoFn):
         self._client = connect(self._es_settings, check=False)
         self._parsing: list[concurrent.futures.Future] = []  # submitted and unfinished, oldest first
         self._parsing_lock = threading.Lock()
-        # Polls still running at the end of a tick: collected on a later tick.
-        self._in_flight: dict[str, tuple[concurrent.futures.Future, float]] = {}
-        self._budgets: dict[int, Budget] = {}
 
     def _poll(self, feed: Feed, state: FeedState) -> concurrent.futures.Future:
         """Fetch on the polite pool, then parse on the parser; one future for both."""
@@ -337,10 +339,48 @@ class PollShardFn(beam.DoFn):
             self._parsed.inc(len(articles))
 
     def teardown(self) -> None:
-        self._executor.shutdown()
+        _release_polling(self._token)
         self._parser.shutdown(wait=False, cancel_futures=True)
-        self._session.close()
         self._client.close()
+
+
+@dataclasses.dataclass
+class _SharedPolling:
+    """What every instance of one PollShardFn in a process shares. A runner may run several
+    instances at once (Prism does) and hand a shard's next tick to any of them: the polls left
+    in flight, the budgets and one host's limits (the polite executor) must not depend on which."""
+    session: Any
+    executor: PoliteExecutor
+    in_flight: dict[str, tuple[concurrent.futures.Future, float]] = dataclasses.field(default_factory=dict)
+    budgets: dict[int, Budget] = dataclasses.field(default_factory=dict)
+    handles: int = 0
+
+
+_shared_lock = threading.Lock()
+_shared: dict[str, _SharedPolling] = {}  # by the token of the PollShardFn the instances were made from
+
+
+def _share_polling(token: str, settings: FetchSettings) -> _SharedPolling:
+    with _shared_lock:
+        shared = _shared.get(token)
+        if shared is None:
+            session = new_session(settings)
+            shared = _shared[token] = _SharedPolling(session, PoliteExecutor(
+                settings.concurrency, settings.per_host_concurrency, settings.per_host_delay, session.timers))
+        shared.handles += 1
+        return shared
+
+
+def _release_polling(token: str) -> None:
+    """The last instance to go shuts the executor and the session down."""
+    with _shared_lock:
+        shared = _shared[token]
+        shared.handles -= 1
+        if shared.handles:
+            return
+        del _shared[token]
+    shared.executor.shutdown()
+    shared.session.close()
 
 
 class Budget:
