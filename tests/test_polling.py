@@ -220,6 +220,35 @@ def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es
             fn.teardown()
 
 
+def test_a_shard_hands_nothing_over_while_nlp_in_this_process_is_behind(es_settings):
+    """Prism runs 8 bundles at once; bundles waiting for spaCy took them all and the ticks
+    waited minutes for a slot. While more than NLP_QUEUE_LIMIT batches wait in this process's
+    spaCy pool the shard keeps its articles, and hands them over once it has caught up."""
+    from newsbeam.transforms.poll import NLP_QUEUE_LIMIT
+    from newsbeam.transforms.workers import NLP_POOL, shared_pool
+
+    items = [{"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"} for n in range(20)]
+    nlp = shared_pool(1, name=NLP_POOL)
+    with HostileServer() as server:
+        feed = Feed(url=server.route("/big.xml", respond(200, rss(items), {"Content-Type": "application/rss+xml"})))
+        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=5.0, slack=0, tick=30.0, shards=8)
+        fn.setup()
+        try:
+            busy = [nlp.submit(time.sleep, 2) for _ in range(NLP_QUEUE_LIMIT + 2)]
+            state, backlog = _State(), _State()
+            fn.start_bundle()
+            held = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
+            assert [a for a in held if isinstance(a, dict)] == [] and len(backlog.value) == 20
+            for future in busy:
+                future.result(timeout=60)
+            fn.start_bundle()
+            later = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
+            assert len([a for a in later if isinstance(a, dict)]) == 8  # the first budget
+        finally:
+            fn.teardown()
+            nlp.shutdown()
+
+
 def test_the_last_tick_of_a_bounded_run_hands_over_the_whole_backlog(es_settings):
     """`newsbeam run --duration`: nothing fetched may stay behind in the backlog at the end."""
     items = [{"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"} for n in range(40)]
@@ -241,16 +270,33 @@ def test_the_last_tick_of_a_bounded_run_hands_over_the_whole_backlog(es_settings
 
 def test_the_budget_shrinks_when_ticks_come_late_and_grows_back_when_they_are_on_time():
     budget = Budget(tick=5.0, start=40)
-    budget.tick(0.0)
-    budget.tick(20.0)  # downstream held the next tick for 20 s: a quarter of the budget
+    budget.tick(0.5, due=0.0)
+    budget.tick(25.0, due=5.0)  # downstream held the next tick for 20 s: a quarter of the budget
     assert budget.size == pytest.approx(10)
     sent, rest = budget.take(list(range(100)))
     assert (len(sent), len(rest)) == (10, 90)
-    budget.tick(25.0)  # on time and the budget was used up: it grows
+    budget.tick(25.5, due=25.0)  # on time and the budget was used up: it grows
     assert budget.size == pytest.approx(13.5)
     budget.take([])  # nothing waiting: no reason to grow
-    budget.tick(30.0)
+    budget.tick(30.5, due=30.0)
     assert budget.size == pytest.approx(13.5)
+
+
+def test_ticks_that_queued_behind_downstream_work_each_shrink_the_budget():
+    """A runner running stages concurrently queues ticks while downstream bundles hold its
+    slots, then delivers them back to back: each was late, so none may grow the budget or hand
+    a full one downstream."""
+    budget = Budget(tick=5.0, start=40)
+    budget.tick(0.5, due=0.0)
+    budget.take(list(range(100)))
+    sent = []
+    for due in (5.0, 10.0, 15.0, 20.0):  # four ticks held back, processed at 60 s
+        budget.tick(60.0, due=due)
+        sent += budget.take(list(range(100)))[0]
+    assert budget.size == Budget.FLOOR and len(sent) <= 5
+    # Below one article per tick the budget adds up over ticks: one article in ten.
+    released = [len(budget.take(list(range(100)))[0]) for _ in range(20)]
+    assert sum(released) == 2 and max(released) == 1
 
 
 def test_the_tick_generator_waits_until_its_next_tick_is_due_and_no_longer():

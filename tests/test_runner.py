@@ -48,7 +48,7 @@ def test_each_runner_gets_its_own_profile():
     prism = runners.profile_for(runners.RunnerChoice("PrismRunner", "", True), settings)
     flink = runners.profile_for(runners.RunnerChoice("FlinkRunner", "", False), settings)
     assert (fnapi.tick_budget, fnapi.wait_for_tick, fnapi.fan_out_dead_letters) == (True, True, True)
-    assert (prism.tick_budget, prism.wait_for_tick, prism.fan_out_dead_letters) == (False, False, True)
+    assert (prism.tick_budget, prism.wait_for_tick, prism.fan_out_dead_letters) == (True, False, True)
     assert (flink.tick_budget, flink.wait_for_tick, flink.fan_out_dead_letters) == (False, False, False)
 
 
