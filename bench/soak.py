@@ -12,8 +12,12 @@ Feeds, on 50 loopback hosts (127.0.0.2-51), from the server in bench/poll_lag.py
 Prints: RSS of the pipeline process and of it with its worker processes at start (after
 the first minute), middle and end, and the peak; the poll lag (each poll's start minus the
 time the scheduler had it due, from the pipeline's own record, see transforms/timing.py);
-per-cycle completion; articles indexed; the misbehaving feeds as `newsbeam feeds status`
-and the dead-letter index show them.
+how late each shard's tick reached the poller and how many shard-ticks one poll bundle
+carried (several: ticks queued behind other work); per-cycle completion; articles indexed;
+the misbehaving feeds as `newsbeam feeds status` and the dead-letter index show them.
+A shorter run with several cycles, to compare changes (the runner after `--`):
+
+    .venv/bin/python -m bench.soak --minutes 8 --interval 60 --es-url URL -- --runner PrismRunner
 """
 from __future__ import annotations
 
@@ -49,6 +53,11 @@ def rss_at(samples: list[tuple[float, int, int]], at: float) -> tuple[int, int]:
     return sample[1], sample[2]
 
 
+def spread(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    values = sorted(values)
+    return (percentile(values, 0.5), percentile(values, 0.95), values[-1]) if values else (None, None, None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30)
@@ -60,6 +69,7 @@ def main() -> int:
     parser.add_argument("--per-host-delay", type=float, default=1.0)
     parser.add_argument("--es-url", default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="keep the pipeline's log here")
     parser.add_argument("beam_args", nargs="*", help="passed to newsbeam run (after --)")
     args = parser.parse_args()
     real = args.real_feeds if args.corpus.is_dir() else 0
@@ -152,6 +162,8 @@ def main() -> int:
         "polls": len(lags), "poll_lag_p50_s": percentile(lags, 0.5), "poll_lag_p95_s": percentile(lags, 0.95),
         "poll_lag_max_s": round(lags[-1], 2) if lags else None,
         "polls_late_over_10s": sum(lag > 10 for lag in lags),
+        "shard_tick_lag_p50_p95_max_s": spread(timing["observed"].get("tick_lag_s", [])),
+        "poll_shards_per_bundle_p50_p95_max": spread(timing["observed"].get("poll_shards_per_bundle", [])),
         "feeds_asking_for_a_longer_interval (ttl, sy:update*, max-age)": len(hinted),
         "other_regular_feeds_polled_every_cycle": f"{sum(n >= expected - 1 for n in on_schedule)}/{len(on_schedule)} "
                                                   f"(>= {expected - 1} of {expected} polls)",
@@ -169,6 +181,8 @@ def main() -> int:
     print("\nnewsbeam feeds status --failing:\n" + status.stdout[-3000:])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if args.log:
+        shutil.copyfile(work / "pipeline.log", args.log)
     if es_dir:
         local_es.stop(es_dir)
         shutil.rmtree(es_dir, ignore_errors=True)

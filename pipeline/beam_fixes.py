@@ -6,6 +6,7 @@ Each patch, the Beam behaviour it works around:
 - `bound_fnapi_metrics`: the FnApiRunner keeps one nested generator of metrics per bundle forever.
 - `cheap_state_weights`: the SDK worker's state cache weighs each value by walking every module's globals.
 - `services_die_with_newsbeam`: Beam starts Prism's job server as a plain child, which outlives a killed parent.
+- `job_streams_without_deadline`: a portable job's state and message streams end after `--job_server_timeout`.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def apply(version: str | None = None) -> bool:
     bound_fnapi_metrics()
     cheap_state_weights()
     services_die_with_newsbeam()
+    job_streams_without_deadline()
     return True
 
 
@@ -102,3 +104,26 @@ def services_die_with_newsbeam() -> None:
 
     subprocess_server.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": Popen,
                                                             "newsbeam_pdeathsig": True})
+
+
+def job_streams_without_deadline() -> None:
+    """`JobServiceHandle.run` opens a portable job's state and message streams with
+    `--job_server_timeout` (300 s by default) as their deadline, meant for the job service's
+    short calls: every Prism run longer than that ended with DEADLINE_EXCEEDED (apache/beam#35867).
+    The streams last as long as the job; the short calls keep their timeout. Idempotent."""
+    from apache_beam.runners.portability import portable_runner
+
+    handle = portable_runner.JobServiceHandle
+    if getattr(handle.run, "newsbeam_no_deadline", False):
+        return
+    run_job = handle.run
+
+    def run(self: Any, preparation_id: str) -> Any:
+        timeout, self.timeout = self.timeout, None  # read by run() for the two streams only
+        try:
+            return run_job(self, preparation_id)
+        finally:
+            self.timeout = timeout
+
+    run.newsbeam_no_deadline = True  # type: ignore[attr-defined]
+    handle.run = run

@@ -129,8 +129,10 @@ class RunnerProfile:
     """What the stages need to know about the runner, as plain values."""
     nlp_processes: int  # spaCy worker processes; 0: in the pipeline's process
     parse_processes: int  # feedparser worker processes; 0: a thread
-    # A runner that runs stages one after the other holds the next tick until the last one's
-    # articles are through NLP: each shard then hands a budget of articles per tick.
+    # Articles piling up in NLP hold the next tick back on both local runners (the FnApiRunner
+    # runs stages one after the other; Prism runs 8 bundles at once, and bundles waiting for
+    # NLP take them all): each shard then hands a budget of articles per tick, and none while
+    # this process's spaCy pool is behind.
     tick_budget: bool
     # A runner that resumes a deferred SDF at once (not at the time asked) spins on empty
     # bundles: the tick generator then sleeps until the tick is due.
@@ -151,7 +153,7 @@ def profile_for(choice: RunnerChoice, settings: Settings) -> RunnerProfile:
     if parse == AUTO:
         parse = 1 if choice.local else 0
     return RunnerProfile(nlp_processes=int(nlp), parse_processes=int(parse),
-                         tick_budget=choice.name == FNAPI, wait_for_tick=choice.name == FNAPI,
+                         tick_budget=choice.local, wait_for_tick=choice.name == FNAPI,
                          fan_out_dead_letters=choice.local)
 
 

@@ -166,6 +166,38 @@ def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settin
             fn.teardown()
 
 
+def test_instances_of_the_poller_in_one_process_share_polls_in_flight_and_host_limits(es_settings):
+    """A runner may run several instances of the poller in one process and hand a shard's
+    next tick to another instance (Prism does): that instance collects the poll the first one
+    left in flight instead of fetching the feed again, and both keep to one host's limits."""
+    import pickle
+
+    with HostileServer() as server, HostileServer(host="127.0.0.2") as slow_host:
+        fast = Feed(url=server.route("/fast.xml", respond(200, rss([{
+            "title": "Fast news", "link": "https://example.org/fast", "html": "<p>x</p>"}]),
+            {"Content-Type": "application/rss+xml"})))
+        slow = Feed(url=slow_host.route("/slow.xml", stall(10)))  # read timeout after 1 s
+        first = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=0.5, slack=0, tick=1.0, shards=1)
+        second = pickle.loads(pickle.dumps(first))  # how a runner makes another instance
+        first.setup()
+        second.setup()
+        try:
+            state = _State()
+            first.start_bundle()
+            list(first.process((0, (slow, fast)), tick=Timestamp.now(), states=state, backlog_state=_State()))
+            time.sleep(1.2)
+            second.start_bundle()
+            later = list(second.process((0, (slow, fast)), tick=Timestamp.now(), states=state,
+                                        backlog_state=_State()))
+            health = [o.value for o in later if getattr(o, "tag", None) == "health"]
+            assert [(h["feed_url"], h["error_class"]) for h in health] == [(slow.url, "timeout")]
+            assert slow_host.hits("/slow.xml") == 1  # not fetched again by the second instance
+            assert first._executor is second._executor  # one host's limits over both
+        finally:
+            first.teardown()
+            second.teardown()
+
+
 @pytest.mark.parametrize("parse_processes", [0, 1], ids=["parse-thread", "parse-process"])
 def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es_settings, parse_processes):
     """A feed with 40 items: 8 articles leave on the first tick, the rest wait in the backlog
@@ -194,6 +226,35 @@ def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es
             fn.teardown()
 
 
+def test_a_shard_hands_nothing_over_while_nlp_in_this_process_is_behind(es_settings):
+    """Prism runs 8 bundles at once; bundles waiting for spaCy took them all and the ticks
+    waited minutes for a slot. While more than NLP_QUEUE_LIMIT batches wait in this process's
+    spaCy pool the shard keeps its articles, and hands them over once it has caught up."""
+    from newsbeam.transforms.poll import NLP_QUEUE_LIMIT
+    from newsbeam.transforms.workers import NLP_POOL, shared_pool
+
+    items = [{"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"} for n in range(20)]
+    nlp = shared_pool(1, name=NLP_POOL)
+    with HostileServer() as server:
+        feed = Feed(url=server.route("/big.xml", respond(200, rss(items), {"Content-Type": "application/rss+xml"})))
+        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=5.0, slack=0, tick=30.0, shards=8)
+        fn.setup()
+        try:
+            busy = [nlp.submit(time.sleep, 2) for _ in range(NLP_QUEUE_LIMIT + 2)]
+            state, backlog = _State(), _State()
+            fn.start_bundle()
+            held = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
+            assert [a for a in held if isinstance(a, dict)] == [] and len(backlog.value) == 20
+            for future in busy:
+                future.result(timeout=60)
+            fn.start_bundle()
+            later = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
+            assert len([a for a in later if isinstance(a, dict)]) == 8  # the first budget
+        finally:
+            fn.teardown()
+            nlp.shutdown()
+
+
 def test_the_last_tick_of_a_bounded_run_hands_over_the_whole_backlog(es_settings):
     """`newsbeam run --duration`: nothing fetched may stay behind in the backlog at the end."""
     items = [{"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"} for n in range(40)]
@@ -215,16 +276,33 @@ def test_the_last_tick_of_a_bounded_run_hands_over_the_whole_backlog(es_settings
 
 def test_the_budget_shrinks_when_ticks_come_late_and_grows_back_when_they_are_on_time():
     budget = Budget(tick=5.0, start=40)
-    budget.tick(0.0)
-    budget.tick(20.0)  # downstream held the next tick for 20 s: a quarter of the budget
+    budget.tick(0.5, due=0.0)
+    budget.tick(25.0, due=5.0)  # downstream held the next tick for 20 s: a quarter of the budget
     assert budget.size == pytest.approx(10)
     sent, rest = budget.take(list(range(100)))
     assert (len(sent), len(rest)) == (10, 90)
-    budget.tick(25.0)  # on time and the budget was used up: it grows
+    budget.tick(25.5, due=25.0)  # on time and the budget was used up: it grows
     assert budget.size == pytest.approx(13.5)
     budget.take([])  # nothing waiting: no reason to grow
-    budget.tick(30.0)
+    budget.tick(30.5, due=30.0)
     assert budget.size == pytest.approx(13.5)
+
+
+def test_ticks_that_queued_behind_downstream_work_each_shrink_the_budget():
+    """A runner running stages concurrently queues ticks while downstream bundles hold its
+    slots, then delivers them back to back: each was late, so none may grow the budget or hand
+    a full one downstream."""
+    budget = Budget(tick=5.0, start=40)
+    budget.tick(0.5, due=0.0)
+    budget.take(list(range(100)))
+    sent = []
+    for due in (5.0, 10.0, 15.0, 20.0):  # four ticks held back, processed at 60 s
+        budget.tick(60.0, due=due)
+        sent += budget.take(list(range(100)))[0]
+    assert budget.size == Budget.FLOOR and len(sent) <= 5
+    # Below one article per tick the budget adds up over ticks: one article in ten.
+    released = [len(budget.take(list(range(100)))[0]) for _ in range(20)]
+    assert sum(released) == 2 and max(released) == 1
 
 
 def test_the_tick_generator_waits_until_its_next_tick_is_due_and_no_longer():

@@ -48,7 +48,7 @@ def test_each_runner_gets_its_own_profile():
     prism = runners.profile_for(runners.RunnerChoice("PrismRunner", "", True), settings)
     flink = runners.profile_for(runners.RunnerChoice("FlinkRunner", "", False), settings)
     assert (fnapi.tick_budget, fnapi.wait_for_tick, fnapi.fan_out_dead_letters) == (True, True, True)
-    assert (prism.tick_budget, prism.wait_for_tick, prism.fan_out_dead_letters) == (False, False, True)
+    assert (prism.tick_budget, prism.wait_for_tick, prism.fan_out_dead_letters) == (True, False, True)
     assert (flink.tick_budget, flink.wait_for_tick, flink.fan_out_dead_letters) == (False, False, False)
 
 
@@ -107,3 +107,25 @@ def test_beam_patches_refuse_a_beam_version_they_were_not_written_for():
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Beam 2.78.0: newsbeam's Beam patches were written for Beam 2.77.x and are not applied" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_run_outlasts_the_job_server_timeout(tmp_path, es, es_settings, feed_server, runner):
+    """Beam opens a portable job's state and message streams with `--job_server_timeout` (300 s
+    by default) as their deadline, so every Prism run longer than that died with
+    DEADLINE_EXCEEDED (pipeline/beam_fixes.py `job_streams_without_deadline`); here the
+    timeout is 4 s and the run lasts 40."""
+    import re
+
+    from tests.support.cli import newsbeam
+    from tests.support.config import write_config
+    from tests.support.feedserver import fixture_articles, rss
+
+    feed = feed_server.serve("/world.xml", rss([fixture_articles()["floods"]]))
+    config = write_config(tmp_path, es_settings, poll_interval=3)
+    run = newsbeam("run", *runner, "--job_server_timeout", "4", "--config", str(config), "--feed", feed,
+                   "--duration", "40")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "DEADLINE_EXCEEDED" not in run.stderr
+    progress = [int(seconds) for seconds in re.findall(r"running (\d+)s:", run.stderr)]
+    assert progress and max(progress) >= 25, run.stderr[-3000:]  # still running long after the 4 s

@@ -41,7 +41,7 @@ from newsbeam.transforms.settings import (
     load_yaml,
     process_count,
 )
-from newsbeam.transforms.workers import SharedPool, shared_pool
+from newsbeam.transforms.workers import NLP_POOL, SharedPool, shared_pool
 
 _LOG = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._lowered = False  # teardown also follows a setup that failed, and may come twice
         if self._processes:
             self._pool = shared_pool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
-                                     name="spaCy")
+                                     name=NLP_POOL)
         else:  # one model per process, shared by every DoFn instance (threads) in it
             self._nlp = self._model_handle.acquire(
                 lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp

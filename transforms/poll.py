@@ -24,6 +24,7 @@ import importlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -44,10 +45,14 @@ from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, f
 from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
 from newsbeam.transforms.redact import redact_url, redact_urls_in
 from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings, process_count
-from newsbeam.transforms.workers import SharedPool, shared_pool
+from newsbeam.transforms.workers import NLP_POOL, SharedPool, queued, shared_pool
 
 _LOG = logging.getLogger(__name__)
 HEALTH = "health"
+# Batches in this process's spaCy pool (running or waiting) above which a shard hands nothing
+# downstream: on a runner that runs stages concurrently each waits in a bundle, and bundles
+# waiting for NLP would take every bundle slot the runner has, the ticks' too.
+NLP_QUEUE_LIMIT = 4
 
 
 @dataclasses.dataclass
@@ -153,6 +158,7 @@ class PollShardFn(beam.DoFn):
         self._es_settings = es_settings
         self._default_interval = default_interval
         self._settle = settle
+        self._token = uuid.uuid4().hex  # the same in every instance made from this one (pickled)
         self._fetched = Metrics.counter("newsbeam", "feeds_fetched")
         self._not_modified = Metrics.counter("newsbeam", "feeds_not_modified")
         self._unchanged = Metrics.counter("newsbeam", "feeds_unchanged")
@@ -162,9 +168,12 @@ class PollShardFn(beam.DoFn):
 
     def setup(self) -> None:
         from newsbeam.transforms.elastic import connect
-        self._session = new_session(self._settings)
-        self._executor = PoliteExecutor(self._settings.concurrency, self._settings.per_host_concurrency,
-                                        self._settings.per_host_delay, self._session.timers)
+        shared = _share_polling(self._token, self._settings)
+        self._session, self._executor = shared.session, shared.executor
+        # Polls still running at the end of a tick: collected on a later tick, by whichever
+        # instance gets the shard then.
+        self._in_flight = shared.in_flight
+        self._budgets = shared.budgets
         # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
         # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
         processes = process_count(self._settings.parse_processes)
@@ -175,9 +184,6 @@ class PollShardFn(beam.DoFn):
         self._client = connect(self._es_settings, check=False)
         self._parsing: list[concurrent.futures.Future] = []  # submitted and unfinished, oldest first
         self._parsing_lock = threading.Lock()
-        # Polls still running at the end of a tick: collected on a later tick.
-        self._in_flight: dict[str, tuple[concurrent.futures.Future, float]] = {}
-        self._budgets: dict[int, Budget] = {}
 
     def _poll(self, feed: Feed, state: FeedState) -> concurrent.futures.Future:
         """Fetch on the polite pool, then parse on the parser; one future for both."""
@@ -267,22 +273,28 @@ class PollShardFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._settle_until: float | None = None
+        self._bundle_shards = 0
+
+    def finish_bundle(self) -> None:
+        timing.observe("poll_shards_per_bundle", self._bundle_shards)
 
     def process(self, shard: tuple[int, tuple[Feed, ...]], tick=beam.DoFn.TimestampParam,
                 states=beam.DoFn.StateParam(STATES), backlog_state=beam.DoFn.StateParam(BACKLOG)) -> Iterator:
         number, feeds = shard
         now = time.time()
+        self._bundle_shards += 1
+        tick_due = float(tick.micros) / 1e6 if tick.micros > 0 else now
+        timing.observe("tick_lag_s", now - tick_due)
         # The first budget: 64 articles per tick over all shards, then it adapts.
         budget = self._budgets.setdefault(number, Budget(self._tick, start=max(4.0, 64 / self._shards)))
-        budget.tick(now)
+        budget.tick(now, tick_due)
         backlog: list[Any] = backlog_state.read() or []
         # One settle budget per bundle: the shards of a tick share it instead of adding up.
         self._settle_until = self._settle_until or now + self._settle
         known: dict[str, FeedState] = states.read() or {}
         missing = [feed.url for feed in feeds if feed.url not in known]
         if missing:  # first sight (or a restart): validators and back-off come from the index
-            due = min(now, float(tick.micros) / 1e6) if tick.micros > 0 else now
-            known.update(load_states(self._client, self._es_settings.feeds_index, missing, due))
+            known.update(load_states(self._client, self._es_settings.feeds_index, missing, min(now, tick_due)))
         by_url = {feed.url: feed for feed in feeds}
         known = {url: state for url, state in known.items() if url in by_url}
         # Back-pressure: while this shard's backlog is full, due feeds wait (their lag shows it).
@@ -292,7 +304,9 @@ class PollShardFn(beam.DoFn):
                 self._in_flight[feed.url] = (self._poll(feed, state), state.next_due)
         pending = [self._in_flight[url][0] for url in by_url if url in self._in_flight]
         if pending:
+            waited = time.time()
             concurrent.futures.wait(pending, timeout=max(0.0, self._settle_until - time.time()))
+            timing.record("poll_settle", 1, time.time() - waited)
         for url, feed in by_url.items():
             future, due = self._in_flight.get(url, (None, 0.0))
             if future is None or not future.done():
@@ -318,7 +332,12 @@ class PollShardFn(beam.DoFn):
         states.write(known)
         # (1 ms of slack: tick timestamps are rounded to microseconds)
         last_tick = self._stop is not None and float(tick.micros) / 1e6 + self._tick >= self._stop - 0.001
-        emitted, backlog = budget.take(backlog) if self._budget and not last_tick else (backlog, [])
+        if not self._budget or last_tick:
+            emitted, backlog = backlog, []
+        elif queued(NLP_POOL) > NLP_QUEUE_LIMIT:  # NLP in this process is behind: hand nothing over yet
+            emitted = budget.hold()
+        else:
+            emitted, backlog = budget.take(backlog)
         if last_tick:
             unfinished = sum(url in self._in_flight for url in by_url)
             _LOG.info("shard %d, last tick: %d articles handed over%s", number, len(emitted),
@@ -338,42 +357,92 @@ class PollShardFn(beam.DoFn):
             self._parsed.inc(len(articles))
 
     def teardown(self) -> None:
-        self._executor.shutdown()
+        _release_polling(self._token)
         self._parser.shutdown(wait=False, cancel_futures=True)
-        self._session.close()
         self._client.close()
+
+
+@dataclasses.dataclass
+class _SharedPolling:
+    """What every instance of one PollShardFn in a process shares. A runner may run several
+    instances at once (Prism does) and hand a shard's next tick to any of them: the polls left
+    in flight, the budgets and one host's limits (the polite executor) must not depend on which."""
+    session: Any
+    executor: PoliteExecutor
+    in_flight: dict[str, tuple[concurrent.futures.Future, float]] = dataclasses.field(default_factory=dict)
+    budgets: dict[int, Budget] = dataclasses.field(default_factory=dict)
+    handles: int = 0
+
+
+_shared_lock = threading.Lock()
+_shared: dict[str, _SharedPolling] = {}  # by the token of the PollShardFn the instances were made from
+
+
+def _share_polling(token: str, settings: FetchSettings) -> _SharedPolling:
+    with _shared_lock:
+        shared = _shared.get(token)
+        if shared is None:
+            session = new_session(settings)
+            shared = _shared[token] = _SharedPolling(session, PoliteExecutor(
+                settings.concurrency, settings.per_host_concurrency, settings.per_host_delay, session.timers))
+        shared.handles += 1
+        return shared
+
+
+def _release_polling(token: str) -> None:
+    """The last instance to go shuts the executor and the session down."""
+    with _shared_lock:
+        shared = _shared[token]
+        shared.handles -= 1
+        if shared.handles:
+            return
+        del _shared[token]
+    shared.executor.shutdown()
+    shared.session.close()
 
 
 class Budget:
     """How many articles one shard hands downstream per tick (when the runner profile asks).
 
-    On a runner that runs stages one after the other the next tick is not polled until the
-    articles of the last one went through NLP. Handing 5,000 articles of a first poll
-    downstream at once would hold polling for minutes; so the shard releases a budget per tick
-    and keeps the rest in its backlog. The budget follows the time between ticks: a gap much
-    longer than the tick means downstream took too long (shrink in proportion); a budget used
-    up with ticks on time grows by a quarter."""
+    Articles piling up downstream hold the next ticks back: a runner that runs stages one
+    after the other polls again only once the last tick's articles are through NLP; one that
+    runs them concurrently runs only so many bundles at once, and bundles waiting for NLP take
+    them all. Handing 5,000 articles of a first poll downstream at once would hold polling for
+    minutes; so the shard releases a budget per tick and keeps the rest in its backlog. The
+    budget follows how late ticks are processed: a tick processed more than 1.5 ticks after it
+    was due means downstream took too long (shrink in proportion; each of several queued ticks
+    shrinks it again); a budget used up on a tick processed on time grows by a quarter."""
+
+    FLOOR = 0.1  # articles per tick: a shard always moves on, if only one article in ten ticks
 
     def __init__(self, tick: float, start: float = 16.0, limit: float = 10_000.0):
         self._tick = tick
         self._limit = limit
         self.size = start
-        self._last: float | None = None
+        self._credit = 0.0
         self._used_up = False
 
-    def tick(self, now: float) -> None:
-        if self._last is not None:
-            gap = now - self._last
-            if gap > 1.5 * self._tick:
-                self.size = max(1.0, self.size * self._tick / gap)
-            elif self._used_up:
-                self.size = min(self._limit, self.size * 1.25 + 1)
-        self._last = now
+    def tick(self, now: float, due: float) -> None:
+        late = now - due
+        if late > 1.5 * self._tick:
+            self.size = max(self.FLOOR, self.size * self._tick / late)
+        elif self._used_up:
+            self.size = min(self._limit, self.size * 1.25 + 1)
+
+    def hold(self) -> list[Any]:
+        """Nothing handed over this tick: the budget neither grows nor saves up."""
+        self._used_up = False
+        return []
 
     def take(self, backlog: list[Any]) -> tuple[list[Any], list[Any]]:
-        count = int(self.size)
+        # A budget below one article per tick adds up over ticks; an idle shard saves no more
+        # than one tick's worth.
+        self._credit = min(self._credit + self.size, max(self.size, 1.0))
+        count = int(self._credit + 1e-9)  # ten tenths make one
         self._used_up = len(backlog) >= count
-        return backlog[:count], backlog[count:]
+        sent = backlog[:count]
+        self._credit -= len(sent)
+        return sent, backlog[count:]
 
 
 class Ticks(ImpulseSeqGenDoFn):

@@ -75,6 +75,12 @@ class WorkerPool:
             self._queued.append(future)
         return future
 
+    def queued(self) -> int:
+        """Tasks submitted and not finished yet (running or waiting for a process)."""
+        with self._lock:
+            self._queued = [queued for queued in self._queued if not queued.done()]
+            return len(self._queued)
+
     def started(self, future: concurrent.futures.Future) -> bool:
         """Whether `future` has a process by now: tasks start in the order they were submitted,
         by every user of the pool, `processes` at a time (so a deadline can leave queueing out)."""
@@ -126,6 +132,7 @@ def _pid_after(seconds: float) -> int:
     return os.getpid()
 
 
+NLP_POOL = "spaCy"  # the name of the pool TagEntitiesFn runs spaCy in
 _shared: dict[tuple[Any, ...], list[Any]] = {}  # key -> [pool, users]
 _shared_lock = threading.Lock()
 
@@ -142,6 +149,13 @@ def shared_pool(processes: int, initializer: Callable[..., None] | None = None, 
             entry = _shared[key] = [WorkerPool(processes, initializer, initargs, name), 0]
         entry[1] += 1
         return SharedPool(key, entry[0])
+
+
+def queued(name: str) -> int:
+    """Tasks submitted to this process's shared pools called `name` and not finished yet."""
+    with _shared_lock:
+        pools = [entry[0] for key, entry in _shared.items() if key[0] == name]
+    return sum(pool.queued() for pool in pools)
 
 
 class SharedPool:
