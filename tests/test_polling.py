@@ -244,12 +244,12 @@ def test_a_shard_hands_nothing_over_while_nlp_in_this_process_is_behind(es_setti
             state, backlog = _State(), _State()
             fn.start_bundle()
             held = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
-            assert [a for a in held if isinstance(a, dict)] == [] and len(backlog.value) == 20
+            assert [a for a in held if isinstance(a, Article)] == [] and len(backlog.value) == 20
             for future in busy:
                 future.result(timeout=60)
             fn.start_bundle()
             later = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
-            assert len([a for a in later if isinstance(a, dict)]) == 8  # the first budget
+            assert len([a for a in later if isinstance(a, Article)]) == 8  # the first budget
         finally:
             fn.teardown()
             nlp.shutdown()
