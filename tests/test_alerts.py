@@ -231,6 +231,7 @@ def cli_config(tmp_path: Path, settings: Settings, poll_interval: float = 3) -> 
                         overrides={"alerts": {"sweep_interval": 0.5, "retry_initial": 0.5, "retry_max": 2}})
 
 
+@pytest.mark.slow
 def test_rule_commands_and_a_running_matcher_see_every_change(tmp_path, es, alert_settings, nlp, capsys):
     config = str(cli_config(tmp_path, alert_settings))
     book = RuleBook(connect(alert_settings.elasticsearch), alert_settings.alerts.rules_index, 0.0,

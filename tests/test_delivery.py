@@ -251,6 +251,7 @@ def test_webhooks_ignore_proxies_and_netrc(tmp_path, alert_settings, monkeypatch
 
 # --- the loop ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_matching_only_stores_alerts_and_the_loop_delivers_them_and_runs_periodic_jobs(es, alert_settings):
     with WebhookReceiver() as hook:
         save_rule(es, alert_settings, Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",)))
@@ -275,6 +276,7 @@ def test_matching_only_stores_alerts_and_the_loop_delivers_them_and_runs_periodi
     assert len(ticks) == stopped_at  # stop() ended the jobs too
 
 
+@pytest.mark.slow
 def test_alerts_deliver_stops_cleanly_on_sigterm_and_leaves_the_rest_pending(tmp_path, es, alert_settings):
     config = str(cli_config(tmp_path, alert_settings))
     with WebhookReceiver() as hook:
@@ -310,6 +312,7 @@ def test_alerts_deliver_stops_cleanly_on_sigterm_and_leaves_the_rest_pending(tmp
 SECRET = "T0SECRET/B0SECRET/xoxb-SECRET-token"
 
 
+@pytest.mark.slow
 def test_no_target_address_reaches_alert_documents_errors_logs_or_status(es, alert_settings, caplog):
     with WebhookReceiver() as hook:
         hook.fail(f"/services/{SECRET}")
@@ -386,6 +389,7 @@ def test_unsafe_links_and_slack_formatting_never_reach_a_target(alert_settings):
 
 # --- a bounded run -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_bounded_run_exits_leaves_undelivered_alerts_pending_and_status_counts_them(tmp_path, es, alert_settings,
                                                                                    feed_server):
     fixtures = fixture_articles()
@@ -450,6 +454,7 @@ def test_alerts_stored_with_the_address_get_an_id_and_are_still_delivered(es, al
     assert doc["pending_targets"] == [] and SECRET not in json.dumps(doc)
 
 
+@pytest.mark.slow
 def test_a_target_with_more_than_a_page_pending_gets_all_of_them(es, alert_settings):
     with WebhookReceiver() as hook:
         rule = Rule("many", "ventilators", notify=(f"webhook:{hook.url('/hook')}",))
