@@ -20,7 +20,7 @@ from elasticsearch import Elasticsearch
 
 from newsbeam.pipeline import local_es
 from newsbeam.transforms.article import Article
-from tests.support.cli import start_newsbeam
+from tests.support.cli import start_newsbeam, stop_newsbeam
 from tests.support.config import write_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.feedserver import rss
@@ -86,11 +86,9 @@ def test_elasticsearch_refusing_connections_for_60s_loses_and_doubles_nothing(tm
         assert drained, f"the backlog never became searchable:\n{log.read_text()[-3000:]}"
         assert wait_until(lambda: links(served) <= searchable(es, alias), timeout=300), log.read_text()[-3000:]
     finally:
-        process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=120)
+            stop_newsbeam(process, timeout=120)
         finally:
-            process.kill()
             proxy.close()
     assert process.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
     # The fault happened: open connections were cut, bulks were refused and retried, and the
@@ -378,11 +376,7 @@ def test_kill_9_and_restart_leaves_every_article_exactly_once(tmp_path, es, es_s
     try:
         caught_up = wait_until(lambda: count() >= 150, timeout=300, every=1.0)
     finally:
-        restart.send_signal(signal.SIGTERM)
-        try:
-            restart.wait(timeout=150)
-        finally:
-            restart.kill()
+        stop_newsbeam(restart, timeout=150)
     assert caught_up, f"the restarted run indexed {count()} of 150:\n{log.read_text()[-3000:]}"
     assert restart.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
     total = count()

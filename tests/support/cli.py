@@ -3,6 +3,7 @@ repository root, without the caller's Elasticsearch credentials unless `env` giv
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -31,3 +32,16 @@ def newsbeam(*args: str, timeout: float = 300, env: Mapping[str, str] | None = N
 def start_newsbeam(*args: str, env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen:
     """Starts `newsbeam ARGS` in the background (a `run` the test stops or waits for)."""
     return subprocess.Popen([*COMMAND, *args], cwd=REPO, env=clean_env(env), **popen)
+
+
+def stop_newsbeam(process: subprocess.Popen, timeout: float = 120) -> int | None:
+    """Stops a background run as a user would (SIGTERM), waiting up to `timeout` seconds for it
+    to exit, then kills it if it is still there; its exit code, None if it had to be killed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
