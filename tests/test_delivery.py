@@ -500,3 +500,23 @@ def test_an_alert_sent_whose_write_back_fails_is_recorded_delivered_later_and_no
     assert record["attempts"] == 1 and record["claimed_until"] is None, record
     assert len(hook.bodies()) == 1  # recorded, not sent again once the claim expired
 
+
+def test_a_permission_refusal_is_said_once_as_such_and_the_loop_goes_on(es, alert_settings, caplog):
+    """A real 403 from the real node: the alerts index is write-blocked, so every claim is refused."""
+    with WebhookReceiver() as hook:
+        rule = Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",))
+        save_rule(es, alert_settings, rule)
+        store_alerts(es, alert_settings, rule, range(1), time.time())
+        index = alert_settings.alerts.alerts_index
+        es.indices.put_settings(index=index, settings={"index.blocks.write": True})
+        loop = DeliveryLoop(es, alert_settings.alerts).start()
+        try:
+            assert loop.flush(timeout=60) and loop.flush(timeout=60) and loop.flush(timeout=60)
+            refusals = [r.getMessage() for r in caplog.records if "HTTP 403" in r.getMessage()]
+            assert len(refusals) == 1, refusals  # three sweeps refused, one line
+            assert index in refusals[0] and "unavailable" not in caplog.text, caplog.text[-2000:]
+            es.indices.put_settings(index=index, settings={"index.blocks.write": False})
+            assert len(hook.wait_for(1, timeout=60)) == 1  # the loop outlived the refusals
+        finally:
+            loop.stop()
+            es.indices.put_settings(index=index, settings={"index.blocks.write": False})

@@ -47,7 +47,14 @@ from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
-from elasticsearch import ApiError, ConflictError, Elasticsearch, NotFoundError, TransportError
+from elasticsearch import (
+    ApiError,
+    AuthorizationException,
+    ConflictError,
+    Elasticsearch,
+    NotFoundError,
+    TransportError,
+)
 
 from newsbeam.transforms.clock import epoch, iso
 from newsbeam.transforms.elastic import connect, target_state_index
@@ -727,6 +734,14 @@ class Outbox:
 
 # --- the delivery loop -------------------------------------------------------------------
 
+def _refusal_reason(err: AuthorizationException) -> str:
+    """Elasticsearch's one-line reason for a 403 (it names the action, privilege and index)."""
+    body = err.body if isinstance(err.body, dict) else {}
+    error = body.get("error")
+    reason = error.get("reason") if isinstance(error, dict) else None
+    return _one_line(str(reason or err.message))[:500]
+
+
 @dataclasses.dataclass(frozen=True)
 class PeriodicJob:
     """Extra work for the delivery loop (e.g. evaluating volume rules): `run()` is called at
@@ -756,6 +771,7 @@ class DeliveryLoop:
         self._progress = threading.Condition()
         self._sweeps = 0
         self._busy = False
+        self._refusals_said: set[str] = set()  # each permission refusal is logged once, not every sweep
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -832,6 +848,8 @@ class DeliveryLoop:
             self._busy = True
         try:
             self.outbox.sweep()
+        except AuthorizationException as err:
+            self._say_refused("alert delivery", err)
         except (ApiError, TransportError) as err:
             _LOG.warning("alert delivery: Elasticsearch unavailable (%s); will retry", type(err).__name__)
         except Exception:  # the loop must outlive any one bad alert
@@ -841,10 +859,23 @@ class DeliveryLoop:
             self._sweeps += 1
             self._progress.notify_all()
 
-    @staticmethod
-    def _run_job(job: PeriodicJob) -> None:
+    def _say_refused(self, what: str, err: AuthorizationException) -> None:
+        """A 403 is a missing privilege (or a blocked index), not an outage: said once, with
+        Elasticsearch's reason, which names the action, the privilege and the index."""
+        reason = _refusal_reason(err)
+        if reason in self._refusals_said:
+            _LOG.debug("%s: still refused by Elasticsearch: %s", what, reason)
+            return
+        self._refusals_said.add(reason)
+        _LOG.error("%s: Elasticsearch refused (HTTP 403): %s; the role of newsbeam's credentials lacks that "
+                   "privilege (docs/operations.md lists the role); retried every sweep, not logged again",
+                   what, reason)
+
+    def _run_job(self, job: PeriodicJob) -> None:
         try:
             job.run()
+        except AuthorizationException as err:
+            self._say_refused(f"delivery loop: periodic job {job.name}", err)
         except (ApiError, TransportError) as err:
             _LOG.warning("delivery loop: periodic job %s: Elasticsearch unavailable (%s); it runs again in %gs",
                          job.name, type(err).__name__, job.interval)
