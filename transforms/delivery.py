@@ -645,10 +645,9 @@ class Outbox:
         """Records the outcome of the claimed deliveries and lets go of their claims. An alert
         that cannot be written now is kept in `unrecorded` and written by the next sweep: a
         delivered alert must be recorded delivered, or it is sent again once its claim expires."""
+        for record in (r for alert in held for r in _records_of(alert)):
+            record["claimed_until"] = None
         for number, alert in enumerate(held):
-            for record in alert.doc["deliveries"]:
-                if record.get("target_id") in alert.targets:
-                    record["claimed_until"] = None
             try:
                 recorded = self._record(alert)
             except (ApiError, TransportError) as err:
