@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from elasticsearch import helpers
@@ -35,6 +36,7 @@ from newsbeam.transforms.rules import Rule, parse_target
 from newsbeam.transforms.settings import ConfigError, ElasticsearchSettings
 from tests.support import REPO
 from tests.support.cli import newsbeam
+from tests.support.faultproxy import FaultProxy
 from tests.support.feedserver import fixture_articles, rss
 from tests.support.loopback import LoopbackServer, QuietHandler
 from tests.support.receivers import SmtpReceiver, WebhookReceiver
@@ -466,3 +468,60 @@ def test_a_target_with_more_than_a_page_pending_gets_all_of_them(es, alert_setti
         finally:
             loop.stop()
     assert sorted(body["alert_id"] for body in hook.bodies()) == sorted(ids)  # each once
+
+
+# --- recording what was sent -------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["outage", "concurrent-write"])
+def test_an_alert_sent_whose_write_back_fails_is_recorded_delivered_later_and_not_sent_again(
+        es, alert_settings, caplog, fault):
+    """The webhook takes the alert, then the outbox cannot record it: Elasticsearch is
+    unreachable for a moment (a proxy refuses) or someone else wrote the alert meanwhile."""
+    settings = dataclasses.replace(alert_settings.alerts, webhook_timeout=5.0)
+    target = urlsplit(alert_settings.elasticsearch.url)
+    proxy = FaultProxy(target.hostname, target.port)
+    client = connect(dataclasses.replace(alert_settings.elasticsearch, url=proxy.url), check=False)
+    with WebhookReceiver() as hook:
+        rule = Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",))
+        save_rule(es, alert_settings, rule)
+        [alert_id] = store_alerts(es, alert_settings, rule, range(1), time.time())
+        hook.stall("/hook", 2.0)  # the receiver has the alert 2 s before the outbox hears so
+        loop = DeliveryLoop(client, settings).start()
+        try:
+            assert wait_until(lambda: hook.bodies(), timeout=60)
+            if fault == "outage":
+                proxy.refuse()
+            else:
+                es.update(index=alert_settings.alerts.alerts_index, id=alert_id, doc={"note": "seen"})
+            if fault == "outage":  # said, and kept for the next sweep
+                wait_until(lambda: "was sent to webhook" in caplog.text, timeout=60, what="the failed write-back logged")
+                proxy.restore()
+            docs = wait_until(lambda: delivered(es, alert_settings, "vents", 1), timeout=120)
+        finally:
+            loop.stop()
+            proxy.close()
+    assert proxy.dropped >= 1 or fault != "outage"  # the outage cut the outbox's connection
+    [record] = docs[0]["deliveries"]
+    assert record["attempts"] == 1 and record["claimed_until"] is None, record
+    assert len(hook.bodies()) == 1  # recorded, not sent again once the claim expired
+
+
+def test_a_permission_refusal_is_said_once_as_such_and_the_loop_goes_on(es, alert_settings, caplog):
+    """A real 403 from the real node: the alerts index is write-blocked, so every claim is refused."""
+    with WebhookReceiver() as hook:
+        rule = Rule("vents", "ventilators", notify=(f"webhook:{hook.url('/hook')}",))
+        save_rule(es, alert_settings, rule)
+        store_alerts(es, alert_settings, rule, range(1), time.time())
+        index = alert_settings.alerts.alerts_index
+        es.indices.put_settings(index=index, settings={"index.blocks.write": True})
+        loop = DeliveryLoop(es, alert_settings.alerts).start()
+        try:
+            assert loop.flush(timeout=60) and loop.flush(timeout=60) and loop.flush(timeout=60)
+            refusals = [r.getMessage() for r in caplog.records if "HTTP 403" in r.getMessage()]
+            assert len(refusals) == 1, refusals  # three sweeps refused, one line
+            assert index in refusals[0] and "unavailable" not in caplog.text, caplog.text[-2000:]
+            es.indices.put_settings(index=index, settings={"index.blocks.write": False})
+            assert len(hook.wait_for(1, timeout=60)) == 1  # the loop outlived the refusals
+        finally:
+            loop.stop()
+            es.indices.put_settings(index=index, settings={"index.blocks.write": False})

@@ -47,7 +47,14 @@ from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
-from elasticsearch import ApiError, ConflictError, Elasticsearch, NotFoundError, TransportError
+from elasticsearch import (
+    ApiError,
+    AuthorizationException,
+    ConflictError,
+    Elasticsearch,
+    NotFoundError,
+    TransportError,
+)
 
 from newsbeam.transforms.clock import epoch, iso
 from newsbeam.transforms.elastic import connect, target_state_index
@@ -405,11 +412,13 @@ class TargetStates:
 
 @dataclasses.dataclass
 class _Held:
-    """An alert this sender has claimed: its id, document and the version it wrote."""
+    """An alert this sender has claimed: its id, document, the version it wrote and the
+    targets whose delivery records it claimed (the only records it may change)."""
     id: str
     doc: dict[str, Any]
     seq_no: int
     primary_term: int
+    targets: tuple[str, ...] = ()
 
 
 def _give_targets_ids(alert: dict[str, Any]) -> bool:
@@ -425,6 +434,11 @@ def _give_targets_ids(alert: dict[str, Any]) -> bool:
             record.update(target_id=target_id(target), target_label=target_label(target))
             changed = True
     return changed
+
+
+def _records_of(alert: _Held) -> list[dict[str, Any]]:
+    """The delivery records of the alert that its holder claimed."""
+    return [r for r in alert.doc["deliveries"] if r.get("target_id") in alert.targets]
 
 
 def _claimable(record: dict[str, Any], now: float) -> bool:
@@ -452,11 +466,25 @@ class Outbox:
         self._states = TargetStates(client, settings, clock)
         self.stopping = stopping or threading.Event()
         self.more = False
+        self.unrecorded: list[_Held] = []  # outcomes of sends not yet written back: retried first
 
     def sweep(self) -> int:
-        """Sends everything due now; returns how many deliveries succeeded. A refresh first
-        makes alerts written a moment ago visible to the search."""
+        """Sends everything due now; returns how many deliveries succeeded. Outcomes that
+        could not be recorded are written first; a refresh makes alerts written a moment
+        ago visible to the search."""
         self.more = False
+        self.record_unrecorded()
+        return self._sweep()
+
+    def record_unrecorded(self) -> None:
+        """Writes back the outcomes a sweep could not record (Elasticsearch was unreachable);
+        raises while it still cannot, keeping them for the next try."""
+        while self.unrecorded:
+            if not self._record(self.unrecorded[0]):
+                return
+            _LOG.info("alert %s: its delivery outcome is recorded now", self.unrecorded.pop(0).id)
+
+    def _sweep(self) -> int:
         if not self._refresh():
             return 0
         pending = self._pending_target_ids()
@@ -535,8 +563,10 @@ class Outbox:
             if claim is None:
                 continue
             held, claimed = claim
-            sent, state = self._send(tid, target, held.doc["rule"], claimed, [held.doc], False, state)
-            self._release([held])
+            try:
+                sent, state = self._send(tid, target, held.doc["rule"], claimed, [held.doc], False, state)
+            finally:  # whatever happened after the claim, the outcome is recorded and the claim let go
+                self._release([held])
             if not sent:
                 return delivered
             delivered += sent
@@ -587,7 +617,7 @@ class Outbox:
                                           if_primary_term=held.primary_term)
         except ConflictError:
             return None
-        return _Held(held.id, held.doc, response["_seq_no"], response["_primary_term"])
+        return _Held(held.id, held.doc, response["_seq_no"], response["_primary_term"], held.targets)
 
     def _claim(self, hit: dict[str, Any], select: Callable[[dict[str, Any]], list[dict[str, Any]]]
                ) -> tuple[_Held, list[dict[str, Any]]] | None:
@@ -601,7 +631,8 @@ class Outbox:
             until = iso(self._clock() + self._settings.claim_seconds)
             for record in records:
                 record["claimed_until"] = until
-            held = self._write(_Held(hit["_id"], hit["_source"], hit["_seq_no"], hit["_primary_term"]))
+            held = self._write(_Held(hit["_id"], hit["_source"], hit["_seq_no"], hit["_primary_term"],
+                                     tuple(r["target_id"] for r in records)))
             if held is not None:
                 return held, records
             try:
@@ -611,12 +642,51 @@ class Outbox:
         return None
 
     def _release(self, held: list[_Held]) -> None:
+        """Records the outcome of the claimed deliveries and lets go of their claims. An alert
+        that cannot be written now is kept in `unrecorded` and written by the next sweep: a
+        delivered alert must be recorded delivered, or it is sent again once its claim expires."""
+        for record in (r for alert in held for r in _records_of(alert)):
+            record["claimed_until"] = None
+        for number, alert in enumerate(held):
+            try:
+                recorded = self._record(alert)
+            except (ApiError, TransportError) as err:
+                self._keep(held[number:], type(err).__name__)
+                raise
+            if not recorded:
+                self._keep([alert], "it changed on every write")
+
+    def _keep(self, held: list[_Held], why: str) -> None:
+        self.unrecorded.extend(held)
         for alert in held:
-            for record in alert.doc["deliveries"]:
-                record["claimed_until"] = None
-            if self._write(alert) is None:
-                _LOG.warning("alert %s changed while it was being sent (claim expired?); it may be sent again",
-                             alert.id)
+            for record in _records_of(alert):
+                _LOG.warning("alert %s %s %s, but recording that failed (%s); retried at the next sweep", alert.id,
+                             "was sent to" if record["status"] == DELIVERED else "was tried at",
+                             record.get("target_label", "?"), why)
+
+    def _record(self, alert: _Held) -> bool:
+        """Writes the alert; when someone changed it since it was claimed, writes this sender's
+        records into the current version instead (the other records stay as they are there).
+        False if it changed again on every try."""
+        for _attempt in range(5):
+            if self._write(alert) is not None:
+                return True
+            try:
+                current = self._client.get(index=self._settings.alerts_index, id=alert.id)
+            except NotFoundError:
+                _LOG.warning("alert %s was deleted while it was being sent; its outcome is not recorded", alert.id)
+                return True
+            mine = {r["target_id"]: r for r in _records_of(alert)}
+            records = current["_source"]["deliveries"]
+            for number, record in enumerate(records):
+                ours = mine.get(record.get("target_id"))
+                if ours is not None and record["status"] == PENDING:
+                    records[number] = ours
+                elif ours is not None and ours["status"] == DELIVERED and record != ours:  # not our own write
+                    _LOG.warning("alert %s was delivered to %s twice (another deliverer recorded it %s)", alert.id,
+                                 ours.get("target_label", "?"), record["status"])
+            alert = _Held(alert.id, current["_source"], current["_seq_no"], current["_primary_term"], alert.targets)
+        return False
 
     def _deliver_digest(self, rule: str, tid: str, target: Target, state: dict[str, Any] | None
                         ) -> tuple[int, dict[str, Any] | None]:
@@ -633,9 +703,10 @@ class Outbox:
                 records += claim[1]
         if not held:
             return 0, state
-        result = self._send(tid, target, rule, records, [h.doc for h in held], True, state)
-        self._release(held)
-        return result
+        try:
+            return self._send(tid, target, rule, records, [h.doc for h in held], True, state)
+        finally:
+            self._release(held)
 
     def _send(self, tid: str, target: Target, rule: str, records: list[dict[str, Any]],
               alerts: list[dict[str, Any]], digest: bool, state: dict[str, Any] | None
@@ -653,14 +724,22 @@ class Outbox:
                 record.update(attempts=record["attempts"] + 1, next_attempt=state["not_before"],
                               last_error=str(err)[:500])
             return 0, state
-        self._states.succeeded(tid, state)
-        for record in records:
+        for record in records:  # before the back-off write: an outage there must not lose the delivery
             record.update(status=DELIVERED, attempts=record["attempts"] + 1, delivered_at=iso(self._clock()),
                           last_error="")
+        self._states.succeeded(tid, state)
         return len(records), None
 
 
 # --- the delivery loop -------------------------------------------------------------------
+
+def _refusal_reason(err: AuthorizationException) -> str:
+    """Elasticsearch's one-line reason for a 403 (it names the action, privilege and index)."""
+    body = err.body if isinstance(err.body, dict) else {}
+    error = body.get("error")
+    reason = error.get("reason") if isinstance(error, dict) else None
+    return _one_line(str(reason or err.message))[:500]
+
 
 @dataclasses.dataclass(frozen=True)
 class PeriodicJob:
@@ -691,6 +770,7 @@ class DeliveryLoop:
         self._progress = threading.Condition()
         self._sweeps = 0
         self._busy = False
+        self._refusals_said: set[str] = set()  # each permission refusal is logged once, not every sweep
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -747,6 +827,19 @@ class DeliveryLoop:
                 if time.monotonic() >= next_job[number] and not self._stopping.is_set():
                     self._run_job(job)
                     next_job[number] = time.monotonic() + job.interval
+        self._record_before_exit()
+
+    def _record_before_exit(self) -> None:
+        """A last try at the outcomes not yet written back; what is still unwritten is said,
+        since those alerts are sent again once their claims expire."""
+        try:
+            self.outbox.record_unrecorded()
+        except (ApiError, TransportError) as err:
+            _LOG.warning("alert delivery: Elasticsearch unavailable at the stop (%s)", type(err).__name__)
+        if self.outbox.unrecorded:
+            _LOG.error("alert delivery stopped with %d alert outcome(s) unrecorded (%s): they are sent again "
+                       "once their claims expire", len(self.outbox.unrecorded),
+                       ", ".join(a.id for a in self.outbox.unrecorded[:5]))
 
     def _sweep(self) -> None:
         with self._progress:
@@ -754,6 +847,8 @@ class DeliveryLoop:
             self._busy = True
         try:
             self.outbox.sweep()
+        except AuthorizationException as err:
+            self._say_refused("alert delivery", err)
         except (ApiError, TransportError) as err:
             _LOG.warning("alert delivery: Elasticsearch unavailable (%s); will retry", type(err).__name__)
         except Exception:  # the loop must outlive any one bad alert
@@ -763,10 +858,23 @@ class DeliveryLoop:
             self._sweeps += 1
             self._progress.notify_all()
 
-    @staticmethod
-    def _run_job(job: PeriodicJob) -> None:
+    def _say_refused(self, what: str, err: AuthorizationException) -> None:
+        """A 403 is a missing privilege (or a blocked index), not an outage: said once, with
+        Elasticsearch's reason, which names the action, the privilege and the index."""
+        reason = _refusal_reason(err)
+        if reason in self._refusals_said:
+            _LOG.debug("%s: still refused by Elasticsearch: %s", what, reason)
+            return
+        self._refusals_said.add(reason)
+        _LOG.error("%s: Elasticsearch refused (HTTP 403): %s; the role of newsbeam's credentials lacks that "
+                   "privilege (docs/operations.md lists the role); retried every sweep, not logged again",
+                   what, reason)
+
+    def _run_job(self, job: PeriodicJob) -> None:
         try:
             job.run()
+        except AuthorizationException as err:
+            self._say_refused(f"delivery loop: periodic job {job.name}", err)
         except (ApiError, TransportError) as err:
             _LOG.warning("delivery loop: periodic job %s: Elasticsearch unavailable (%s); it runs again in %gs",
                          job.name, type(err).__name__, job.interval)

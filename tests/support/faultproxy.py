@@ -94,6 +94,10 @@ class FaultProxy:
         """Stop listening and cut every open connection: clients get 'connection refused'."""
         with self._lock:
             if self._listener:
+                try:  # close() alone leaves a socket listening while a thread is blocked in accept()
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for pair in self._conns:
