@@ -11,4 +11,6 @@ deploy/prism.sh >/dev/null || echo "[newsbeam] Prism could not be built (see abo
 echo "[newsbeam] ruff check and import contracts" >&2
 .venv/bin/ruff check .
 .venv/bin/lint-imports >/dev/null || .venv/bin/lint-imports
-exec .venv/bin/python -m pytest "$@"
+# Two tests at a time (NEWSBEAM_TEST_WORKERS; 0 runs them one by one): most of them wait, not
+# compute. The tests that need the secured node run on one worker (`--dist loadgroup`).
+exec .venv/bin/python -m pytest -n "${NEWSBEAM_TEST_WORKERS:-2}" --dist loadgroup "$@"

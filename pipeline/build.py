@@ -46,14 +46,16 @@ def build_pipeline(pipeline: beam.Pipeline, settings: Settings, taxonomy: Taxono
     polled = pipeline | "PollFeeds" >> PollFeeds(settings.feeds, settings.poll_interval, settings.fetch,
                                                  settings.elasticsearch, duration, fetch_shards,
                                                  profile.tick_budget, profile.wait_for_tick)
-    health = polled.health | "WriteFeedHealth" >> WriteFeedHealth(settings.elasticsearch)
+    health = polled.health | "WriteFeedHealth" >> WriteFeedHealth(settings.elasticsearch,
+                                                                  in_flight=settings.sizes.bulk_in_flight)
     enriched, enrich_dead = enrich(polled.articles, settings, taxonomy)
     # Alerts are stored before their article is indexed, so a restart (which skips indexed
     # articles) never loses an alert.
     alerts = enriched | "MatchAlerts" >> MatchAlerts(settings)
-    indexed = alerts["articles"] | "IndexArticles" >> IndexArticles(settings.elasticsearch)
+    indexed = alerts["articles"] | "IndexArticles" >> IndexArticles(settings.elasticsearch,
+                                                                      in_flight=settings.sizes.bulk_in_flight)
     dead = (polled[DEAD], *enrich_dead, alerts[DEAD], alerts[STORE_DEAD], indexed[DEAD], health[DEAD])
     if not profile.fan_out_dead_letters:
         dead = dead | "FlattenDeadLetters" >> beam.Flatten()
-    dead | "WriteDeadLetters" >> WriteDeadLetters(settings.elasticsearch)
+    dead | "WriteDeadLetters" >> WriteDeadLetters(settings.elasticsearch, settings.sizes.bulk_in_flight)
     return pipeline

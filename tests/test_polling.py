@@ -139,6 +139,7 @@ class _State:
         self.value = value
 
 
+@pytest.mark.slow
 def test_a_stalled_host_stays_in_flight_while_the_others_are_delivered(es_settings):
     with HostileServer() as server, HostileServer(host="127.0.0.2") as slow_host:
         fast = Feed(url=server.route("/fast.xml", respond(200, rss([{
@@ -226,6 +227,7 @@ def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es
             fn.teardown()
 
 
+@pytest.mark.slow
 def test_a_shard_hands_nothing_over_while_nlp_in_this_process_is_behind(es_settings):
     """Prism runs 8 bundles at once; bundles waiting for spaCy took them all and the ticks
     waited minutes for a slot. While more than NLP_QUEUE_LIMIT batches wait in this process's

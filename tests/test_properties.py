@@ -101,6 +101,7 @@ def property_index(es_url):
     client.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees, batch=st.lists(articles(), min_size=4, max_size=16))
 def test_random_rules_select_the_same_articles_in_the_stream_and_in_elasticsearch(property_index, tree, batch):

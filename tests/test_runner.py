@@ -1,18 +1,22 @@
 """Which runner `newsbeam run` gets and why (pipeline/runner.py), the runner profile it hands
 the stages, and the Beam patches' version guard (pipeline/beam_fixes.py)."""
+import dataclasses
 import logging
 import os
 import shutil
 import subprocess
 import sys
 
+import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
 from apache_beam.runners.portability.prism_runner import PrismJobServer
 
 from newsbeam.pipeline import local_es
 from newsbeam.pipeline import runner as runners
-from newsbeam.pipeline.config import ConfigError, load_settings
+from newsbeam.pipeline.build import build_pipeline
+from newsbeam.pipeline.config import ConfigError, Feed, load_settings
+from newsbeam.transforms.topics import Taxonomy
 from newsbeam.transforms.workers import resolve_processes
 
 
@@ -50,6 +54,37 @@ def test_each_runner_gets_its_own_profile():
     assert (fnapi.tick_budget, fnapi.wait_for_tick, fnapi.fan_out_dead_letters) == (True, True, True)
     assert (prism.tick_budget, prism.wait_for_tick, prism.fan_out_dead_letters) == (True, False, True)
     assert (flink.tick_budget, flink.wait_for_tick, flink.fan_out_dead_letters) == (False, False, False)
+
+
+def _dofns(pipeline: beam.Pipeline) -> dict[str, list[beam.DoFn]]:
+    found: dict[str, list[beam.DoFn]] = {}
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            if isinstance(node.transform, beam.ParDo):
+                found.setdefault(type(node.transform.fn).__name__, []).append(node.transform.fn)
+
+    pipeline.visit(Visitor())
+    return found
+
+
+@pytest.mark.parametrize("nlp_processes, ner", [(2, (8, 6, 2)), (0, (16, 2, 0))])
+def test_the_profile_s_batch_sizes_reach_every_stage_of_the_built_pipeline(nlp_processes, ner):
+    base = load_settings(None)
+    settings = dataclasses.replace(base, feeds=(Feed(url="http://127.0.0.1:9/feed.xml", full_text=True),),
+                                   nlp=dataclasses.replace(base.nlp, processes=nlp_processes),
+                                   elasticsearch=dataclasses.replace(base.elasticsearch, bulk_actions=40))
+    profile = runners.profile_for(runners.RunnerChoice("FnApiRunner", "", True), settings)
+    settings = runners.apply_profile(settings, profile)
+    assert settings.sizes == profile.sizes
+    fns = _dofns(build_pipeline(beam.Pipeline(), settings, Taxonomy.load(settings.topics_file), profile))
+    (tag,) = fns["TagEntitiesFn"]
+    assert (tag.batch_size, tag.max_in_flight, tag.tail_batch_size) == ner
+    assert fns["LinkStoriesFn"][0].batch_size == fns["FetchFullTextFn"][0].batch_size == profile.sizes.lookup_batch
+    assert fns["SkipIndexedFn"][0].batch_size == 40  # at most one bulk request's worth of ids
+    assert fns["CreateAlertsFn"][0].batch_size == profile.sizes.alert_batch
+    assert {fn.max_in_flight for fn in fns["WriteFn"]} == {profile.sizes.bulk_in_flight}
+    assert len(fns["WriteFn"]) >= 3  # articles, feed health, dead letters
 
 
 def test_the_prism_binary_deploy_prism_sh_built_is_found_without_flags(tmp_path, monkeypatch, empty_caches):

@@ -159,6 +159,7 @@ def test_the_per_article_matcher_leaves_volume_rules_alone(es, live_alerts, lemm
 
 # --- each kind: the event fires once, what is steady never does, the warm-up holds -----------------
 
+@pytest.mark.slow
 def test_a_spike_fires_once_for_a_lasting_burst_and_not_before_its_baseline_exists(es, archive, lemmatize):
     spike = {"ratio": "3x", "window": "1h", "baseline": "7d", "min": 5}
     [firing] = fired(es, archive, lemmatize, rule("vents", "ventilator", spike=spike))
@@ -213,6 +214,7 @@ def test_a_story_spreading_to_enough_sources_fires_once(es, archive, lemmatize):
     assert (firings[0].count, firings[0].distinct_sources, len(firings[0].articles)) == (6, 6, 6)
 
 
+@pytest.mark.slow
 def test_silence_fires_once_per_gap_fixed_or_learnt_and_never_for_a_regular_source(es, archive, lemmatize):
     last_quiet = iso(T0 + 7 * DAY - 1800)
     [fixed] = fired(es, archive, lemmatize, rule("quiet", "source:quiet.example", silence={"after": "6h"}))
@@ -384,6 +386,7 @@ def test_a_burst_served_as_a_feed_through_newsbeam_run_fires_one_spike(tmp_path,
     assert stored["alert_id"] == firing.firing_id and stored["count"] == 8
 
 
+@pytest.mark.slow
 def test_the_delivery_loop_runs_the_evaluation_and_sends_a_firing_with_real_time(es, es_settings, settings, lemmatize):
     """The delivery loop as `newsbeam run` starts it evaluates the volume rules beside its sweeps,
     on the real clock. The history is the last quarter of an hour, a minute per window."""

@@ -34,6 +34,7 @@ def test_a_run_of_parentheses_reaches_the_tokenizer_cut_short_and_names_beside_i
     assert "Paris" in tagged.locations
 
 
+@pytest.mark.slow
 def test_an_article_past_the_ner_deadline_is_dead_lettered_alone_and_its_worker_replaced():
     # The collapse is switched off so that the tokenizer really is stuck on the article.
     settings = NlpSettings(processes=1, batch_size=8, article_timeout=1.5, max_char_run=10**9,

@@ -52,7 +52,7 @@ from newsbeam.transforms.rules import (
     spacy_lemmatizer,
     term_forms,
 )
-from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, Settings
+from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, Settings, StageSizes
 from newsbeam.transforms.volume import VolumeAlerts
 
 _LOG = logging.getLogger(__name__)
@@ -231,9 +231,9 @@ class CreateAlertsFn(BatchingDoFn):
     index has its alerts: a restart, which skips indexed articles, loses none."""
     stage = "alerts_store"
 
-    batch_size = 50
-
-    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings, model: str):
+    def __init__(self, es: ElasticsearchSettings, alerts: AlertSettings, model: str,
+                 batch_size: int = StageSizes.alert_batch):
+        self.batch_size = batch_size
         self._es = es
         self._alerts = alerts
         self._model = model
@@ -280,6 +280,7 @@ class MatchAlerts(beam.PTransform):
         self._es = settings.elasticsearch
         self._alerts = settings.alerts
         self._model = settings.nlp.model
+        self._batch_size = settings.sizes.alert_batch
         self._reload_seconds = min(settings.alerts.reload_interval, settings.poll_interval)
 
     def expand(self, articles):
@@ -287,7 +288,7 @@ class MatchAlerts(beam.PTransform):
             self._es, self._alerts, self._model, self._reload_seconds, shared.Shared())).with_outputs(
             DEAD, main="matched")
         stored = matched.matched | "CreateAlerts" >> beam.ParDo(
-            CreateAlertsFn(self._es, self._alerts, self._model)).with_outputs(CREATED, DEAD, main="articles")
+            CreateAlertsFn(self._es, self._alerts, self._model, self._batch_size)).with_outputs(CREATED, DEAD, main="articles")
         # Two dead-letter outputs, not one Flatten: see WriteDeadLetters.
         return {"articles": stored.articles, CREATED: stored[CREATED], DEAD: matched[DEAD],
                 STORE_DEAD: stored[DEAD]}

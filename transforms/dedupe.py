@@ -26,7 +26,7 @@ from apache_beam.utils.timestamp import Duration
 
 from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import BatchingDoFn
-from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings
+from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings, StageSizes
 
 _LOG = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def indexed_ids(client: Any, alias: str, ids: list[str]) -> set[str]:
 
 class SkipIndexedFn(BatchingDoFn):
     stage = "dedupe"
-    def __init__(self, settings: ElasticsearchSettings):
+    def __init__(self, settings: ElasticsearchSettings, batch_size: int = StageSizes.dedupe_batch):
         self._settings = settings
-        self.batch_size = min(settings.bulk_actions, 500)
+        self.batch_size = batch_size
         self._skipped = Metrics.counter("newsbeam", "articles_already_indexed")
         self._unchecked = Metrics.counter("newsbeam", "articles_dedupe_unchecked")
 
@@ -95,13 +95,15 @@ class SkipIndexedFn(BatchingDoFn):
 
 
 class DedupeArticles(beam.PTransform):
-    def __init__(self, es_settings: ElasticsearchSettings, retention: float = DedupeSettings.retention):
+    def __init__(self, es_settings: ElasticsearchSettings, retention: float = DedupeSettings.retention,
+                 batch_size: int = StageSizes.dedupe_batch):
         super().__init__()
         self._es_settings = es_settings
         self._retention = retention
+        self._batch_size = batch_size
 
     def expand(self, articles):
         return (articles
                 | "KeyById" >> beam.Map(lambda article: (article.article_id, article))
                 | "FirstSighting" >> beam.ParDo(FirstSightingFn(self._retention))
-                | "SkipIndexed" >> beam.ParDo(SkipIndexedFn(self._es_settings)))
+                | "SkipIndexed" >> beam.ParDo(SkipIndexedFn(self._es_settings, self._batch_size)))

@@ -28,7 +28,7 @@ from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import PooledBatchingDoFn
 from newsbeam.transforms.deadletter import DEAD, rejected
 from newsbeam.transforms.redact import redact_url
-from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings
+from newsbeam.transforms.settings import AlertSettings, ElasticsearchSettings, StageSizes
 
 _LOG = logging.getLogger(__name__)
 
@@ -382,14 +382,14 @@ class WriteFn(PooledBatchingDoFn):
     """Buffers documents, flushes them with BulkWriter at a count or byte limit and at the
     end of each bundle; permanent failures go to the `dead` output.
 
-    A bulk request is sent from a thread of its own and one more batch may fill meanwhile: on
-    the local runner the pipeline thread would otherwise sit idle while Elasticsearch indexes.
+    A bulk request is sent from a thread of its own and more batches (`in_flight` in all) may
+    fill meanwhile: the pipeline thread would otherwise sit idle while Elasticsearch indexes.
     Documents leave (and the bundle ends) only once Elasticsearch has answered for them."""
 
-    max_in_flight = 2
-
     def __init__(self, settings: ElasticsearchSettings, index: str, id_field: str, op: str, stage: str,
-                 client_factory: Callable[[ElasticsearchSettings], Any] | None = None):
+                 client_factory: Callable[[ElasticsearchSettings], Any] | None = None,
+                 in_flight: int = StageSizes.bulk_in_flight):
+        self.max_in_flight = in_flight
         self._settings = settings
         # Tests pass a factory that wraps the real client to inject failures.
         self._client_factory = client_factory
@@ -452,15 +452,17 @@ class IndexArticles(beam.PTransform):
     `_id` = article_id). Outputs the ids written; rejected documents on the `dead` output."""
 
     def __init__(self, settings: ElasticsearchSettings,
-                 client_factory: Callable[[ElasticsearchSettings], Any] | None = None):
+                 client_factory: Callable[[ElasticsearchSettings], Any] | None = None,
+                 in_flight: int = StageSizes.bulk_in_flight):
         super().__init__()
         self._settings = settings
         self._client_factory = client_factory
+        self._in_flight = in_flight
 
     def expand(self, articles):
         return articles | "ToDocument" >> beam.Map(Article.to_document) | "BulkCreate" >> beam.ParDo(
             WriteFn(self._settings, self._settings.articles_alias, "article_id", "create", "index",
-                    self._client_factory)
+                    self._client_factory, self._in_flight)
         ).with_outputs(DEAD, main="indexed")
 
 
@@ -471,16 +473,18 @@ class WriteDeadLetters(beam.PTransform):
     A tuple gets one writer per input, for runners where a Flatten of unbounded inputs holds
     elements back (the runner profile's `fan_out_dead_letters`)."""
 
-    def __init__(self, settings: ElasticsearchSettings):
+    def __init__(self, settings: ElasticsearchSettings, in_flight: int = StageSizes.bulk_in_flight):
         super().__init__()
         self._settings = settings
+        self._in_flight = in_flight
 
     def expand(self, records):
         unwritable = []
         for number, pcoll in enumerate(records if isinstance(records, tuple) else (records,)):
             logged = pcoll | f"Log{number}" >> beam.Map(_log_dead_letter)
             result = logged | f"BulkIndex{number}" >> beam.ParDo(
-                WriteFn(self._settings, self._settings.deadletter_index, "dead_letter_id", "index", "deadletter")
+                WriteFn(self._settings, self._settings.deadletter_index, "dead_letter_id", "index", "deadletter",
+                        in_flight=self._in_flight)
             ).with_outputs(DEAD, main="written")
             # A dead letter Elasticsearch itself refuses is logged in full, the last place left.
             unwritable.append(result[DEAD] | f"LogUnwritable{number}" >> beam.Map(_log_dead_letter))
@@ -490,13 +494,15 @@ class WriteDeadLetters(beam.PTransform):
 class WriteFeedHealth(beam.PTransform):
     """Feed health documents -> the feeds index (`_id` = feed_id, latest attempt wins)."""
 
-    def __init__(self, settings: ElasticsearchSettings):
+    def __init__(self, settings: ElasticsearchSettings, in_flight: int = StageSizes.bulk_in_flight):
         super().__init__()
         self._settings = settings
+        self._in_flight = in_flight
 
     def expand(self, docs):
         return docs | "BulkIndex" >> beam.ParDo(
-            WriteFn(self._settings, self._settings.feeds_index, "feed_id", "index", "feedhealth")
+            WriteFn(self._settings, self._settings.feeds_index, "feed_id", "index", "feedhealth",
+                    in_flight=self._in_flight)
         ).with_outputs(DEAD, main="written")
 
 

@@ -38,6 +38,7 @@ from newsbeam.transforms.settings import (
     FALLBACK_MODEL,
     ConfigError,
     NlpSettings,
+    StageSizes,
     load_yaml,
     process_count,
 )
@@ -447,20 +448,14 @@ class TagEntitiesFn(PooledBatchingDoFn):
     worker = staticmethod(_tag_in_worker)  # what a worker process runs per batch
 
     def __init__(self, settings: NlpSettings, model_handle: shared.Shared,
-                 gazetteer: list[dict[str, str]] | None = None):
+                 gazetteer: list[dict[str, str]] | None = None, sizes: StageSizes = StageSizes()):
         self._settings = settings
         self._model_handle = model_handle
         self._gazetteer = gazetteer
-        processes = process_count(settings.processes)
-        self._processes = processes
-        # Small batches when pooled (8 of the default 64), three per worker in flight: every core
-        # stays busy, and at the end of a bundle no worker waits long for the last batch. In-process
-        # a quarter (16), one tagged while the next fills: a bundle of the local runner holds ~50
-        # articles, and one batch per bundle would leave nothing to overlap.
-        self.batch_size = max(1, settings.batch_size // (8 if processes else 4))
-        self.max_in_flight = 3 * processes if processes else 2
-        # Two articles (~0.2 s of NER) per batch at a bundle's end: the workers end it together.
-        self.tail_batch_size = min(2, self.batch_size) if processes else 0
+        self._processes = process_count(settings.processes)
+        self.batch_size = sizes.ner_batch
+        self.max_in_flight = sizes.ner_in_flight
+        self.tail_batch_size = sizes.ner_tail_batch
         self._tagged = Metrics.counter("newsbeam", "articles_tagged")
 
     def setup(self) -> None:
@@ -556,13 +551,14 @@ class _ModelBox:
 
 
 class TagEntities(beam.PTransform):
-    def __init__(self, settings: NlpSettings):
+    def __init__(self, settings: NlpSettings, sizes: StageSizes = StageSizes()):
         super().__init__()
         self._settings = settings
+        self._sizes = sizes
         # Read here, at pipeline construction: bad entries fail at start-up, and workers that
         # do not have the file still get the names.
         self._gazetteer = load_gazetteer(settings.gazetteer) if settings.gazetteer else None
 
     def expand(self, articles):
         return articles | "SpacyNer" >> beam.ParDo(
-            TagEntitiesFn(self._settings, shared.Shared(), self._gazetteer)).with_outputs(DEAD, main="tagged")
+            TagEntitiesFn(self._settings, shared.Shared(), self._gazetteer, self._sizes)).with_outputs(DEAD, main="tagged")

@@ -22,7 +22,7 @@ from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import BatchingDoFn
 from newsbeam.transforms.fetch import FetchError, PoliteExecutor, fetch, host_of, new_session
 from newsbeam.transforms.redact import redact_url
-from newsbeam.transforms.settings import Feed, FetchSettings
+from newsbeam.transforms.settings import Feed, FetchSettings, StageSizes
 
 _LOG = logging.getLogger(__name__)
 PAGE_ACCEPT = "text/html, application/xhtml+xml;q=0.9, */*;q=0.5"
@@ -54,13 +54,14 @@ def fetch_full_text(session, feed: Feed, article: Article, settings: FetchSettin
 
 class FetchFullTextFn(BatchingDoFn):
     stage = "full_text"
-    def __init__(self, feeds: tuple[Feed, ...], settings: FetchSettings):
+    def __init__(self, feeds: tuple[Feed, ...], settings: FetchSettings,
+                 batch_size: int = StageSizes.lookup_batch):
         # Articles carry the redacted feed URL (transforms/parse.py).
         self._feeds = {redact_url(feed.url): feed for feed in feeds if feed.full_text}
         self._settings = dataclasses.replace(settings, max_bytes=min(settings.max_bytes, settings.max_page_bytes),
                                              max_decompressed_bytes=min(settings.max_decompressed_bytes,
                                                                         settings.max_page_bytes))
-        self.batch_size = 32
+        self.batch_size = batch_size
         self._extracted = Metrics.counter("newsbeam", "full_text_extracted")
         self._failed = Metrics.counter("newsbeam", "full_text_failed")
 
@@ -103,10 +104,12 @@ class FetchFullTextFn(BatchingDoFn):
 
 
 class FetchFullText(beam.PTransform):
-    def __init__(self, feeds: tuple[Feed, ...], settings: FetchSettings):
+    def __init__(self, feeds: tuple[Feed, ...], settings: FetchSettings, batch_size: int = StageSizes.lookup_batch):
         super().__init__()
         self._feeds = feeds
         self._settings = settings
+        self._batch_size = batch_size
 
     def expand(self, articles):
-        return articles | "FetchAndExtract" >> beam.ParDo(FetchFullTextFn(self._feeds, self._settings))
+        return articles | "FetchAndExtract" >> beam.ParDo(
+            FetchFullTextFn(self._feeds, self._settings, self._batch_size))

@@ -33,7 +33,7 @@ from apache_beam.metrics import Metrics
 from newsbeam.transforms import clock
 from newsbeam.transforms.article import Article
 from newsbeam.transforms.batching import BatchingDoFn
-from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings
+from newsbeam.transforms.settings import DedupeSettings, ElasticsearchSettings, StageSizes
 
 _LOG = logging.getLogger(__name__)
 
@@ -199,12 +199,13 @@ def stored_candidates(client: Any, alias: str, keys: list[str], days: float, lim
 
 class LinkStoriesFn(BatchingDoFn):
     stage = "near_duplicates"
-    def __init__(self, es_settings: ElasticsearchSettings, settings: DedupeSettings):
+    def __init__(self, es_settings: ElasticsearchSettings, settings: DedupeSettings,
+                 batch_size: int = StageSizes.lookup_batch):
         if not 0 < settings.near_duplicate_threshold <= 1:
             raise ValueError("dedupe.near_duplicate_threshold must be in (0, 1]")
         self._es_settings = es_settings
         self._settings = settings
-        self.batch_size = 32  # small: NER (next) starts on the first batch, not after the whole bundle
+        self.batch_size = batch_size
         self._linked = Metrics.counter("newsbeam", "articles_linked_to_story")
 
     def setup(self) -> None:
@@ -236,10 +237,13 @@ class LinkStoriesFn(BatchingDoFn):
 class LinkStories(beam.PTransform):
     """Clean articles -> the same articles with `story_id` (shared by near-duplicates)."""
 
-    def __init__(self, es_settings: ElasticsearchSettings, settings: DedupeSettings):
+    def __init__(self, es_settings: ElasticsearchSettings, settings: DedupeSettings,
+                 batch_size: int = StageSizes.lookup_batch):
         super().__init__()
         self._es_settings = es_settings
         self._settings = settings
+        self._batch_size = batch_size
 
     def expand(self, articles):
-        return articles | "MinHashLsh" >> beam.ParDo(LinkStoriesFn(self._es_settings, self._settings))
+        return articles | "MinHashLsh" >> beam.ParDo(
+            LinkStoriesFn(self._es_settings, self._settings, self._batch_size))

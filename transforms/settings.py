@@ -132,7 +132,7 @@ class ElasticsearchSettings:
     articles_alias: str = "news-articles"
     deadletter_index: str = "newsbeam-deadletters"
     feeds_index: str = "newsbeam-feeds"
-    bulk_actions: int = 50  # small bulks: the local runner waits for each, the NER workers go on meanwhile
+    bulk_actions: int = 50  # small bulks: articles show up sooner, and indexing overlaps NER
     bulk_bytes: int = 5 * 1024 * 1024
     request_timeout: float = 30.0
     ca_certs: str | None = None
@@ -164,6 +164,20 @@ class AlertSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageSizes:
+    """How much each stage hands over at once. Not read from YAML: the runner profile
+    (newsbeam.pipeline.runner `profile_for`) sets them for the runner a run gets; the defaults
+    are the local runners' with a spaCy worker pool."""
+    lookup_batch: int = 32  # LinkStories, FetchFullText: small, so NER starts on the first batch
+    dedupe_batch: int = 50  # ids per already-indexed lookup
+    ner_batch: int = 8  # articles per batch handed to an NER worker
+    ner_in_flight: int = 6  # NER batches submitted and not yet collected
+    ner_tail_batch: int = 2  # batches not yet started at a bundle's end are split to this (0: not)
+    alert_batch: int = 50  # articles per bulk request of alerts
+    bulk_in_flight: int = 2  # bulk requests a writer has out at once
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     poll_interval: float = 300.0
     feeds: tuple[Feed, ...] = ()
@@ -173,6 +187,7 @@ class Settings:
     elasticsearch: ElasticsearchSettings = ElasticsearchSettings()
     dedupe: DedupeSettings = DedupeSettings()
     alerts: AlertSettings = AlertSettings()
+    sizes: StageSizes = StageSizes()
 
 
 def load_yaml(path: Path) -> Any:

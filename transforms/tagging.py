@@ -44,18 +44,19 @@ class EnrichStage:
 
 
 ENRICH_CHAIN: tuple[EnrichStage, ...] = (
-    EnrichStage("DedupeArticles", lambda s, t: DedupeArticles(s.elasticsearch, s.dedupe.retention)),
-    EnrichStage("FetchFullText", lambda s, t: FetchFullText(s.feeds, s.fetch),
+    EnrichStage("DedupeArticles", lambda s, t: DedupeArticles(s.elasticsearch, s.dedupe.retention,
+                                                                   s.sizes.dedupe_batch)),
+    EnrichStage("FetchFullText", lambda s, t: FetchFullText(s.feeds, s.fetch, s.sizes.lookup_batch),
                 applies=lambda s: any(feed.full_text for feed in s.feeds)),
     EnrichStage("CleanText", lambda s, t: CleanText(s.fetch.max_html_depth), main="cleaned",
                 offline=lambda tagger, articles, _: [clean_article(article, tagger.settings.fetch.max_html_depth)
                                                      for article in articles]),
-    EnrichStage("LinkStories", lambda s, t: LinkStories(s.elasticsearch, s.dedupe)),
+    EnrichStage("LinkStories", lambda s, t: LinkStories(s.elasticsearch, s.dedupe, s.sizes.lookup_batch)),
     # One stream through NER (marked, not split): on the FnApiRunner a Flatten waits for the end.
     EnrichStage("DetectLanguage", lambda s, t: DetectLanguage(model_languages(s.nlp.model)),
                 offline=lambda tagger, articles, _: [
                     route_language(tagger.identifier, tagger.languages, article) for article in articles]),
-    EnrichStage("TagEntities", lambda s, t: TagEntities(s.nlp), main="tagged",
+    EnrichStage("TagEntities", lambda s, t: TagEntities(s.nlp, s.sizes), main="tagged",
                 offline=lambda tagger, articles, with_mentions: tag_entities(
                     tagger.nlp, articles, tagger.settings.nlp, with_mentions)),
     EnrichStage("TagTopics", lambda s, t: TagTopics(t), main="tagged",

@@ -22,8 +22,9 @@ def prefixed(url: str, prefix: str) -> tuple[ElasticsearchSettings, AlertSetting
 def write_config(directory: Path, es_settings: ElasticsearchSettings, poll_interval: float, *,
                  alerts: AlertSettings | None = None, overrides: Mapping[str, Any] | None = None,
                  shipped: bool = True) -> Path:
-    """Writes DIRECTORY/pipeline.yaml and returns its path. `alerts` adds the rules and alerts
-    index names; `overrides` is merged in last, section by section."""
+    """Writes DIRECTORY/pipeline.yaml and returns its path. `alerts` names the rules and alerts
+    indices (by default the run's own, beside its articles: tests may run side by side on one
+    node); `overrides` is merged in last, section by section."""
     config: dict[str, Any] = yaml.safe_load((REPO / "configs" / "pipeline.yaml").read_text()) if shipped else {}
     config["poll_interval"] = poll_interval
     config["topics_file"] = str(REPO / "configs" / "topics.yaml")
@@ -39,6 +40,8 @@ def write_config(directory: Path, es_settings: ElasticsearchSettings, poll_inter
     # look at everything a run indexed give it time to drain on a loaded machine (the tests of
     # ending on time set their own grace).
     config["fetch"]["shutdown_grace"] = 120
+    if alerts is None and es_settings.articles_alias.endswith("-articles"):
+        alerts = prefixed(es_settings.url, es_settings.articles_alias.removesuffix("-articles"))[1]
     if alerts is not None:
         config.setdefault("alerts", {}).update(rules_index=alerts.rules_index, alerts_index=alerts.alerts_index)
     for section, values in (overrides or {}).items():
