@@ -82,6 +82,7 @@ def _wait_for(url: str, timeout: float = 300.0) -> None:
             time.sleep(0.5)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`integration`: the test talks to Elasticsearch. `slow` (besides the tests marked by hand,
     which run the streaming pipeline): it needs the secure node, which the session starts for it,
