@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.support import REPO
+from tests.support.cli import children_of
 from tests.support.config import write_config
 from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, respond, stall, trickle_body
@@ -48,11 +49,6 @@ def run_process(config: Path, feeds: list[str], *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "newsbeam.pipeline.cli", "run", "--config", str(config),
                              *feed_args, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def children_of(pid: int) -> list[int]:
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
 
 
 def test_a_poisoned_item_beside_stalled_and_trickling_feeds_a_bounded_run_indexes_the_rest_and_ends_on_time(

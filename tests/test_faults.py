@@ -20,7 +20,7 @@ from elasticsearch import Elasticsearch
 
 from newsbeam.pipeline import local_es
 from newsbeam.transforms.article import Article
-from tests.support.cli import start_newsbeam, stop_newsbeam
+from tests.support.cli import children_of, start_newsbeam, stop_newsbeam
 from tests.support.config import write_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.feedserver import rss
@@ -339,9 +339,7 @@ def busy_run(tmp_path, es, es_settings, feed_server, runner, **popen):
         if es.indices.exists_alias(name=es_settings.articles_alias):
             es.indices.refresh(index=es_settings.articles_alias)
             count = es.count(index=es_settings.articles_alias)["count"]
-    children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
-    return process, served, feed, config, children
+    return process, served, feed, config, children_of(process.pid)
 
 
 def assert_exited(children: list[int]) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from tests.support import REPO
@@ -45,3 +46,15 @@ def stop_newsbeam(process: subprocess.Popen, timeout: float = 120) -> int | None
         process.kill()
         process.wait()
         return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of `pid` (its worker pools), from every thread's children list; a
+    thread may end while the list is read."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return children
