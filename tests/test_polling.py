@@ -97,7 +97,8 @@ def test_shards_keep_a_host_together():
 
 def test_polite_executor_limits_each_host_and_spaces_its_requests():
     timers = _Timers("test-timers")
-    executor = PoliteExecutor(workers=8, per_host=2, delay=0.1, timers=timers)
+    delay = 0.3
+    executor = PoliteExecutor(workers=8, per_host=2, delay=delay, timers=timers)
     active: dict[str, int] = {}
     peak: dict[str, int] = {}
     starts: dict[str, list[float]] = {}
@@ -111,7 +112,7 @@ def test_polite_executor_limits_each_host_and_spaces_its_requests():
             lock.notify_all()
             # Held until two of the host's requests have run at once, however slowly they start.
             lock.wait_for(lambda: peak[host] >= 2, timeout=30)
-        time.sleep(0.15)
+        time.sleep(3 * delay)  # longer than the delay: a third start would overlap if per_host were not kept
         with lock:
             active[host] -= 1
 
@@ -123,7 +124,9 @@ def test_polite_executor_limits_each_host_and_spaces_its_requests():
     assert peak == {"a": 2, "b": 2}
     for host_starts in starts.values():
         gaps = [b - a for a, b in zip(host_starts, host_starts[1:])]
-        assert min(gaps) >= 0.09
+        # The executor spaces the planned starts; a thread that starts late on a loaded machine
+        # shortens the gap to the next start that is on time, so the bound leaves it 50 ms.
+        assert min(gaps) >= delay - 0.05, gaps
 
 
 class _State:
