@@ -183,9 +183,15 @@ def runner(request) -> list[str]:
     leg uses the binary deploy/prism.sh builds (deploy/test.sh runs it when Go is installed)."""
     if request.param == "FnApiRunner":
         return ["--runner", "FnApiRunner"]
+    return ["--runner", "PrismRunner", "--prism_location", request.getfixturevalue("prism_location")]
+
+
+@pytest.fixture
+def prism_location() -> str:
+    """The Prism binary deploy/prism.sh builds; the test is skipped, saying why, without it."""
     binary = _prism_binary()
     if binary is None:
         from newsbeam.pipeline.runner import prism_cache_path
         pytest.skip(f"PRISM LEG NOT RUN: no Prism binary at {prism_cache_path()}; "
                     f"deploy/prism.sh builds it (needs Go: {'found' if shutil.which('go') else 'not installed'})")
-    return ["--runner", "PrismRunner", "--prism_location", binary]
+    return binary

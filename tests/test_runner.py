@@ -164,3 +164,69 @@ def test_a_run_outlasts_the_job_server_timeout(tmp_path, es, es_settings, feed_s
     assert "DEADLINE_EXCEEDED" not in run.stderr
     progress = [int(seconds) for seconds in re.findall(r"running (\d+)s:", run.stderr)]
     assert progress and max(progress) >= 25, run.stderr[-3000:]  # still running long after the 4 s
+
+
+class _SlowCount(beam.DoFn):
+    """Half a second an element, so Prism asks for progress while the bundle runs."""
+
+    def __init__(self):
+        self._seen = beam.metrics.Metrics.counter("test", "seen")
+
+    def process(self, element):
+        import time
+        time.sleep(0.5)
+        self._seen.inc()
+        yield element
+
+
+@pytest.mark.slow
+def test_progress_answers_on_prism_carry_what_prism_reads_and_final_metrics_stay_whole(monkeypatch, prism_location):
+    """Prism asks each running bundle for progress every 100 ms and reads the input's read index
+    and the element counts; `lean_progress_reports` (pipeline/beam_fixes.py) answers with those
+    alone instead of every metric of the bundle. Beam's own answer to the same request, asked
+    alongside, shows what was left out; the job's final metrics still count every element."""
+    from apache_beam.metrics import monitoring_infos
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.runners.worker import sdk_worker
+
+    from newsbeam.pipeline.beam_fixes import lean_progress_reports
+
+    beams_answer = sdk_worker.SdkWorker.process_bundle_progress
+    monkeypatch.setattr(sdk_worker.SdkWorker, "process_bundle_progress", beams_answer)  # restored after
+    lean_progress_reports()
+    lean_progress_reports()  # idempotent
+    lean_answer = sdk_worker.SdkWorker.process_bundle_progress
+    assert lean_answer is not beams_answer
+    answers: list[tuple[set[str], set[str], int, int]] = []
+
+    def both_answers(self, request, instruction_id):
+        lean = lean_answer(self, request, instruction_id)
+        full = beams_answer(self, request, instruction_id)
+        lean_infos = lean.process_bundle_progress.monitoring_infos
+        full_infos = full.process_bundle_progress.monitoring_infos
+        if lean_infos:
+            answers.append(({info.urn for info in lean_infos}, {info.urn for info in full_infos},
+                            _read_index(lean_infos), _read_index(full_infos)))
+        return lean
+
+    monkeypatch.setattr(sdk_worker.SdkWorker, "process_bundle_progress", both_answers)
+    options = PipelineOptions(["--runner", "PrismRunner", "--prism_location", prism_location,
+                               "--environment_type", "LOOPBACK"])
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | beam.Create(range(8)) | beam.Reshuffle() | beam.ParDo(_SlowCount())
+    assert answers, "Prism asked no running bundle for its progress"
+    kept = {monitoring_infos.ELEMENT_COUNT_URN, monitoring_infos.DATA_CHANNEL_READ_INDEX}
+    for lean_urns, _, lean_index, full_index in answers:
+        assert lean_urns <= kept and monitoring_infos.DATA_CHANNEL_READ_INDEX in lean_urns
+        assert lean_index <= full_index  # the full answer was built just after
+    left_out = set().union(*(full for _, full, _, _ in answers)) - kept
+    assert monitoring_infos.USER_COUNTER_URN in left_out and monitoring_infos.TOTAL_MSECS_URN in left_out
+    seen = pipeline.result.metrics().query(MetricsFilter().with_name("seen"))["counters"]
+    assert sum(counter.committed for counter in seen) == 8
+
+
+def _read_index(infos) -> int:
+    from apache_beam.metrics import monitoring_infos
+    return max(monitoring_infos.extract_counter_value(info) for info in infos
+               if info.urn == monitoring_infos.DATA_CHANNEL_READ_INDEX)
+

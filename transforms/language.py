@@ -7,6 +7,7 @@ are indexed with their language.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +38,10 @@ def detect(identifier: Any, text: str) -> str | None:
     return language if confidence >= MIN_CONFIDENCE else None
 
 
+@functools.cache
 def load_identifier() -> Any:
+    """The detector, loaded once per process (about a second of CPU): the SDK worker makes an
+    instance of each DoFn for every bundle Prism runs at once, and `classify` only reads the model."""
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
