@@ -153,16 +153,16 @@ def lean_progress_reports() -> None:
 
     def outputs_of(processor: Any) -> dict[str, dict[str, str]]:
         # A processor serves one descriptor for its whole life: its output maps are read once.
-        outputs = processor.__dict__.get("newsbeam_outputs")
+        outputs = getattr(processor, "newsbeam_outputs", None)
         if outputs is None:
             transforms = processor.process_bundle_descriptor.transforms
             outputs = processor.newsbeam_outputs = {name: dict(transforms[name].outputs) for name in processor.ops}
         return outputs
 
     def progress_infos(processor: Any) -> list[Any]:
-        infos = []
+        infos, outputs = [], outputs_of(processor)
         for name, op in processor.ops.items():
-            infos += [info for info in op.pcollection_count_monitoring_infos(outputs_of(processor)[name]).values()
+            infos += [info for info in op.pcollection_count_monitoring_infos(outputs[name]).values()
                       if info.urn == monitoring_infos.ELEMENT_COUNT_URN]
             if isinstance(op, bundle_processor.DataInputOperation):
                 infos.append(monitoring_infos.int64_counter(monitoring_infos.DATA_CHANNEL_READ_INDEX, op.index,

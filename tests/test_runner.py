@@ -229,4 +229,3 @@ def _read_index(infos) -> int:
     from apache_beam.metrics import monitoring_infos
     return max(monitoring_infos.extract_counter_value(info) for info in infos
                if info.urn == monitoring_infos.DATA_CHANNEL_READ_INDEX)
-

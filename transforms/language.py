@@ -40,7 +40,7 @@ def detect(identifier: Any, text: str) -> str | None:
 
 @functools.cache
 def load_identifier() -> Any:
-    """The detector, loaded once per process (about a second of CPU): the SDK worker makes an
+    """The detector, loaded once per process: the SDK worker makes an
     instance of each DoFn for every bundle Prism runs at once, and `classify` only reads the model."""
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
