@@ -15,6 +15,7 @@ from newsbeam.transforms.feedstate import FeedState, max_age, on_failure, on_suc
 from newsbeam.transforms.fetch import FetchResult, PoliteExecutor, _Timers, shard_feeds
 from newsbeam.transforms.parse import parse_document, refresh_hint
 from newsbeam.transforms.poll import Budget, PollShardFn, tick_wait
+from tests import workerjobs
 from tests.support.feedserver import rss
 from tests.support.hostileserver import HostileServer, respond, stall
 from tests.support.waiting import wait_until
@@ -231,33 +232,54 @@ def test_a_big_first_poll_is_handed_downstream_in_budgets_and_nothing_is_lost(es
 
 
 @pytest.mark.slow
-def test_a_shard_hands_nothing_over_while_nlp_in_this_process_is_behind(es_settings):
+def test_shards_hand_over_only_what_the_spacy_pool_can_take_before_the_next_ticks(es_settings, tmp_path):
     """Prism runs 8 bundles at once; bundles waiting for spaCy took them all and the ticks
-    waited minutes for a slot. While more than NLP_QUEUE_LIMIT batches wait in this process's
-    spaCy pool the shard keeps its articles, and hands them over once it has caught up."""
-    from newsbeam.transforms.poll import NLP_QUEUE_LIMIT
+    waited minutes for a slot, while holding a whole tick back left spaCy idle. The shards of a
+    tick share what this process's spaCy pool can take before its queue lasts NLP_QUEUE_TICKS,
+    the cost of an article as its users report it, and hand over the rest once it has caught up."""
+    from newsbeam.transforms.poll import NLP_QUEUE_TICKS
     from newsbeam.transforms.workers import NLP_POOL, shared_pool
 
-    items = [{"title": f"Story {n}", "link": f"https://example.org/{n}", "html": "<p>x</p>"} for n in range(20)]
+    tick, release = 30.0, tmp_path / "release"
     nlp = shared_pool(1, name=NLP_POOL)
     with HostileServer() as server:
-        feed = Feed(url=server.route("/big.xml", respond(200, rss(items), {"Content-Type": "application/rss+xml"})))
-        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=5.0, slack=0, tick=30.0, shards=8)
+        feeds = [Feed(url=server.route(f"/{name}.xml", respond(200, rss(
+            [{"title": f"{name} {n}", "link": f"https://example.org/{name}/{n}", "html": "<p>x</p>"}
+             for n in range(20)]), {"Content-Type": "application/rss+xml"}))) for name in ("one", "two")]
+        fn = PollShardFn(SETTINGS, es_settings, default_interval=300, settle=5.0, slack=0, tick=tick, shards=8)
         fn.setup()
         try:
-            busy = [nlp.submit(time.sleep, 2) for _ in range(NLP_QUEUE_LIMIT + 2)]
-            state, backlog = _State(), _State()
-            fn.start_bundle()
-            held = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
-            assert [a for a in held if isinstance(a, Article)] == [] and len(backlog.value) == 20
-            for future in busy:
-                future.result(timeout=60)
-            fn.start_bundle()
-            later = list(fn.process((0, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog))
-            assert len([a for a in later if isinstance(a, Article)]) == 8  # the first budget
+            nlp.record_cost(1, 1.0)  # one second an article, one process
+            busy = nlp.submit(workerjobs.wait_for, str(release), units=NLP_QUEUE_TICKS * tick - 5)
+            shards = [(number, feed, _State(), _State()) for number, feed in enumerate(feeds)]
+
+            def tick_of(number, feed, state, backlog):
+                fn.start_bundle()
+                out = fn.process((number, (feed,)), tick=Timestamp.now(), states=state, backlog_state=backlog)
+                return [article for article in out if isinstance(article, Article)]
+
+            first, second = (tick_of(*shard) for shard in shards)
+            assert len(first) == 5  # the pool's room, not the first budget of 8
+            assert second == [] and len(shards[1][3].value) == 20  # the first shard took the room
+            release.touch()
+            busy.result(timeout=60)
+            later = tick_of(*shards[1])
+            assert len(later) == 8  # caught up: the first budget
         finally:
             fn.teardown()
             nlp.shutdown()
+
+
+def test_a_budget_cut_short_by_downstream_does_not_grow():
+    budget = Budget(tick=5.0, start=10)
+    sent, rest = budget.take(list(range(100)), limit=3.7)
+    assert (len(sent), len(rest)) == (3, 97)
+    budget.tick(5.5, due=5.0)  # on time, but downstream was the limit: no reason to grow
+    assert budget.size == 10
+    sent, _ = budget.take(rest)
+    assert len(sent) == 10
+    budget.tick(10.5, due=10.0)  # used up without a limit: it grows
+    assert budget.size == pytest.approx(13.5)
 
 
 def test_the_last_tick_of_a_bounded_run_hands_over_the_whole_backlog(es_settings):

@@ -17,6 +17,7 @@ from newsbeam.transforms import timing
 from newsbeam.transforms.article import Article
 from newsbeam.transforms.clean import clean_article
 from newsbeam.transforms.entities import TagEntitiesFn
+from newsbeam.transforms.settings import StageSizes
 from newsbeam.transforms.workers import WorkerPool
 from tests import workerjobs
 from tests.support.feedserver import fixture_articles
@@ -32,6 +33,50 @@ def test_a_pool_runs_in_order_and_survives_a_dead_worker():
         assert pool.submit(workerjobs.square, [6]).result() == [36]  # a new pool took over
     finally:
         pool.shutdown()
+
+
+def test_a_pool_says_how_much_more_work_it_takes_from_what_its_tasks_cost(tmp_path):
+    """The poller hands spaCy no more than it can do before the next tick: the pool turns the
+    units (articles) of its unfinished tasks into seconds with the cost its users report."""
+    pool = WorkerPool(1, name="test")
+    release = tmp_path / "release"
+    try:
+        assert pool.room(10.0) is None  # idle and nothing known: no limit
+        held = [pool.submit(workerjobs.wait_for, str(release), units=units) for units in (4, 2)]
+        assert pool.room(10.0) == 0  # work waits and what it costs is unknown
+        pool.record_cost(4, 2.0)  # 0.5 s an article
+        assert pool.room(10.0) == pytest.approx(10 / 0.5 - 6)
+        pool.record_cost(1, 1.0)  # recent batches weigh most: 0.8 x 0.5 + 0.2 x 1.0
+        assert pool.room(10.0) == pytest.approx(10 / 0.6 - 6)
+        release.touch()
+        for future in held:
+            future.result(timeout=60)
+        assert pool.room(10.0) == pytest.approx(10 / 0.6)  # finished work takes no room
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
+def test_pooled_ner_reports_what_its_batches_cost_to_the_pool():
+    from newsbeam.transforms.workers import NLP_POOL, room
+
+    articles = _articles()
+    before = timing.snapshot().get("entities", {"seconds": 0.0, "elements": 0})
+    fn = TagEntitiesFn(NlpSettings(processes=1), shared.Shared(), sizes=StageSizes(ner_tail_batch=0))
+    fn.setup()
+    try:
+        assert room(NLP_POOL, 5.0) is None
+        fn.start_bundle()
+        for article in articles:
+            list(fn.process(article, timestamp=Timestamp(0), window=GlobalWindow()))
+        list(fn.finish_bundle())
+        after = timing.snapshot()["entities"]
+        seconds = after["seconds"] - before["seconds"]
+        assert after["elements"] - before["elements"] == len(articles) <= fn.batch_size  # one batch
+        # the pool's cost of an article is the seconds the worker reported (rounded to 1 ms here)
+        assert 5.0 / room(NLP_POOL, 5.0) * len(articles) == pytest.approx(seconds, abs=0.002)
+    finally:
+        fn.teardown()
 
 
 def _articles() -> list[Article]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 from newsbeam.pipeline.config import NlpSettings
@@ -11,6 +13,13 @@ from newsbeam.transforms.article import Article
 
 def square(numbers: list[int]) -> list[int]:
     return [n * n for n in numbers]
+
+
+def wait_for(path: str, patience: float = 60.0) -> None:
+    """Holds a worker until `path` exists (a test's way of keeping a task unfinished)."""
+    give_up = time.monotonic() + patience
+    while not Path(path).exists() and time.monotonic() < give_up:
+        time.sleep(0.05)
 
 
 def die(_: Any) -> None:

@@ -18,6 +18,7 @@ host's feeds stay in one place for politeness.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import importlib
@@ -45,14 +46,15 @@ from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, f
 from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
 from newsbeam.transforms.redact import redact_url, redact_urls_in
 from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings, process_count
-from newsbeam.transforms.workers import NLP_POOL, SharedPool, queued, shared_pool
+from newsbeam.transforms.workers import NLP_POOL, SharedPool, room, shared_pool
 
 _LOG = logging.getLogger(__name__)
 HEALTH = "health"
-# Batches in this process's spaCy pool (running or waiting) above which a shard hands nothing
-# downstream: on a runner that runs stages concurrently each waits in a bundle, and bundles
-# waiting for NLP would take every bundle slot the runner has, the ticks' too.
-NLP_QUEUE_LIMIT = 4
+# How much spaCy work, in ticks, this process's pool may have queued once a tick's articles are
+# handed over: on a runner that runs stages concurrently more would wait in bundles, and bundles
+# waiting for NLP take every bundle slot the runner has, the ticks' too; less leaves the pool
+# idle before the next tick's articles reach it.
+NLP_QUEUE_TICKS = 1.5
 
 
 @dataclasses.dataclass
@@ -174,6 +176,7 @@ class PollShardFn(beam.DoFn):
         # instance gets the shard then.
         self._in_flight = shared.in_flight
         self._budgets = shared.budgets
+        self._handed, self._handing = shared.handed, shared.handing
         # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
         # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
         processes = process_count(self._settings.parse_processes)
@@ -334,16 +337,30 @@ class PollShardFn(beam.DoFn):
         last_tick = self._stop is not None and float(tick.micros) / 1e6 + self._tick >= self._stop - 0.001
         if not self._budget or last_tick:
             emitted, backlog = backlog, []
-        elif queued(NLP_POOL) > NLP_QUEUE_LIMIT:  # NLP in this process is behind: hand nothing over yet
-            emitted = budget.hold()
         else:
-            emitted, backlog = budget.take(backlog)
+            emitted, backlog = self._hand_over(budget, backlog, now)
         if last_tick:
             unfinished = sum(url in self._in_flight for url in by_url)
             _LOG.info("shard %d, last tick: %d articles handed over%s", number, len(emitted),
                       f"; {unfinished} polls unfinished (polled again on the next run)" if unfinished else "")
         backlog_state.write(backlog)
         yield from emitted
+
+    def _hand_over(self, budget: Budget, backlog: list[Any], now: float) -> tuple[list[Any], list[Any]]:
+        """The tick's budget, cut to what this process's spaCy pool can take before its queue
+        lasts `NLP_QUEUE_TICKS`, less what other shards handed over within the last half tick
+        (still on their way to it). Without a pool (spaCy in this process) the budget alone."""
+        with self._handing:  # the shards of a tick share the room
+            space = room(NLP_POOL, NLP_QUEUE_TICKS * self._tick)
+            while self._handed and now - self._handed[0][0] > self._tick / 2:
+                self._handed.popleft()
+            if space is not None:
+                space -= sum(count for _, count in self._handed)
+                if space < 1:  # NLP in this process is behind
+                    return budget.hold(), backlog
+            emitted, backlog = budget.take(backlog, limit=space)
+            self._handed.append((now, len(emitted)))
+            return emitted, backlog
 
     def _count(self, outcome: PollOutcome, articles: list[Article]) -> None:
         if outcome.error is not None:
@@ -371,6 +388,9 @@ class _SharedPolling:
     executor: PoliteExecutor
     in_flight: dict[str, tuple[concurrent.futures.Future, float]] = dataclasses.field(default_factory=dict)
     budgets: dict[int, Budget] = dataclasses.field(default_factory=dict)
+    # (time, articles) each shard handed downstream, oldest first: the shards of one tick share the spaCy room.
+    handed: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=collections.deque)
+    handing: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     handles: int = 0
 
 
@@ -434,12 +454,18 @@ class Budget:
         self._used_up = False
         return []
 
-    def take(self, backlog: list[Any]) -> tuple[list[Any], list[Any]]:
+    def take(self, backlog: list[Any], limit: float | None = None) -> tuple[list[Any], list[Any]]:
+        """This tick's articles, at most `limit` (what downstream can take now): a budget cut
+        short by the limit does not grow."""
         # A budget below one article per tick adds up over ticks; an idle shard saves no more
         # than one tick's worth.
         self._credit = min(self._credit + self.size, max(self.size, 1.0))
         count = int(self._credit + 1e-9)  # ten tenths make one
-        self._used_up = len(backlog) >= count
+        if limit is not None and limit < count:
+            count = max(0, int(limit))
+            self._used_up = False
+        else:
+            self._used_up = len(backlog) >= count
         sent = backlog[:count]
         self._credit -= len(sent)
         return sent, backlog[count:]

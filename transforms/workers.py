@@ -52,7 +52,9 @@ class WorkerPool:
         self._initargs = initargs
         self._name = name
         self._lock = threading.Lock()
-        self._queued: list[concurrent.futures.Future] = []  # submitted and unfinished, oldest first
+        # Submitted and unfinished, oldest first, with the units of work each carries (articles).
+        self._queued: list[tuple[concurrent.futures.Future, float]] = []
+        self._unit_seconds: float | None = None  # what one unit takes a process, as callers report it
         self._executor = self._start()
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -63,7 +65,8 @@ class WorkerPool:
         _await_ready(executor, self.processes)
         return executor
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    def submit(self, fn: Callable[..., Any], *args: Any, units: float = 1.0) -> concurrent.futures.Future:
+        """`units`: how much work the task is (e.g. its articles), for `room`."""
         with self._lock:
             executor = self._executor
         try:
@@ -72,21 +75,41 @@ class WorkerPool:
             self._restart(executor)
             future = self._executor.submit(fn, *args)
         with self._lock:
-            self._queued.append(future)
+            self._queued.append((future, units))
         return future
+
+    def _unfinished(self) -> list[tuple[concurrent.futures.Future, float]]:
+        # (called with the lock held)
+        self._queued = [entry for entry in self._queued if not entry[0].done()]
+        return self._queued
 
     def queued(self) -> int:
         """Tasks submitted and not finished yet (running or waiting for a process)."""
         with self._lock:
-            self._queued = [queued for queued in self._queued if not queued.done()]
-            return len(self._queued)
+            return len(self._unfinished())
 
     def started(self, future: concurrent.futures.Future) -> bool:
         """Whether `future` has a process by now: tasks start in the order they were submitted,
         by every user of the pool, `processes` at a time (so a deadline can leave queueing out)."""
         with self._lock:
-            self._queued = [queued for queued in self._queued if not queued.done()]
-            return future in self._queued[:self.processes]
+            return any(queued is future for queued, _ in self._unfinished()[:self.processes])
+
+    def record_cost(self, units: float, seconds: float) -> None:
+        """What a finished task of `units` took its process; recent tasks weigh most."""
+        if units <= 0:
+            return
+        with self._lock:
+            each = seconds / units
+            self._unit_seconds = each if self._unit_seconds is None else 0.8 * self._unit_seconds + 0.2 * each
+
+    def room(self, seconds: float) -> float | None:
+        """Units the pool can take on before its unfinished work lasts longer than `seconds`;
+        0 while work waits and no cost was recorded yet; None when idle and nothing is known."""
+        with self._lock:
+            waiting = sum(units for _, units in self._unfinished())
+            if self._unit_seconds is None:
+                return 0.0 if waiting else None
+            return max(0.0, seconds * self.processes / max(self._unit_seconds, 1e-6) - waiting)
 
     def replace(self, stuck: concurrent.futures.Future) -> None:
         """Kills the workers of the pool that runs `stuck` (past its deadline: a process cannot
@@ -151,11 +174,14 @@ def shared_pool(processes: int, initializer: Callable[..., None] | None = None, 
         return SharedPool(key, entry[0])
 
 
-def queued(name: str) -> int:
-    """Tasks submitted to this process's shared pools called `name` and not finished yet."""
+def room(name: str, seconds: float) -> float | None:
+    """Units of work this process's shared pools called `name` can take on before what they
+    have unfinished lasts longer than `seconds` (`WorkerPool.room`); None when there is no such
+    pool or none knows yet."""
     with _shared_lock:
         pools = [entry[0] for key, entry in _shared.items() if key[0] == name]
-    return sum(pool.queued() for pool in pools)
+    rooms = [space for space in (pool.room(seconds) for pool in pools) if space is not None]
+    return sum(rooms) if rooms else None
 
 
 class SharedPool:
@@ -166,10 +192,14 @@ class SharedPool:
         self._pool: WorkerPool | None = pool
         self.processes = pool.processes
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    def submit(self, fn: Callable[..., Any], *args: Any, units: float = 1.0) -> concurrent.futures.Future:
         if self._pool is None:
             raise RuntimeError("cannot submit to a shut down pool")
-        return self._pool.submit(fn, *args)
+        return self._pool.submit(fn, *args, units=units)
+
+    def record_cost(self, units: float, seconds: float) -> None:
+        if self._pool is not None:
+            self._pool.record_cost(units, seconds)
 
     def replace(self, stuck: concurrent.futures.Future) -> None:
         if self._pool is not None:
