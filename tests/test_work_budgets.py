@@ -220,10 +220,11 @@ def test_a_parse_past_its_deadline_costs_that_feed_and_the_next_feed_is_parsed(e
     from newsbeam.transforms.poll import PollShardFn
     from tests.test_polling import _State
 
-    # feedparser's HTML passes kept on for any amount of markup: this feed takes seconds to parse
+    # feedparser's HTML passes kept on for any amount of markup: this feed takes seconds to parse,
+    # several times the deadline even on a fast machine
     settings = FetchSettings(allow_private_addresses=True, per_host_delay=0.01, parse_timeout=1.0,
                              max_sanitized_tags=10**9, parse_processes=parse_processes)
-    heavy_items = [{"title": "Nested", "link": "https://example.org/n", "html": "<div>" * 40000 + "</div>" * 40000}]
+    heavy_items = [{"title": "Nested", "link": "https://example.org/n", "html": "<div>" * 200_000 + "</div>" * 200_000}]
     light_items = [{"title": "Light news", "link": "https://example.org/l", "html": "<p>x</p>"}]
     with HostileServer() as server, HostileServer("127.0.0.2") as other:
         heavy = Feed(url=server.route("/heavy.xml", respond(200, rss(heavy_items))))

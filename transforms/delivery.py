@@ -66,6 +66,9 @@ _LOG = logging.getLogger(__name__)
 PENDING, DELIVERED, DROPPED = "pending", "delivered", "dropped"
 _DIGEST_LIMIT = 5000  # alerts listed in one digest message; more go out in the next one
 _PAGE = 100  # alerts of one target claimed per sweep; a full page asks for another sweep at once
+# Alerts matched in one batch share `matched_at` to the millisecond: the id breaks the tie, so
+# every sweep agrees on which alert is a target's oldest.
+OLDEST_FIRST = [{"matched_at": "asc"}, {"alert_id": "asc"}]
 _ERROR_BODY_BYTES = 2048  # of a refusing endpoint's answer, read for the error message
 _CLAIM_MARGIN = 5.0  # seconds a claim outlives the longest send (writes before and after it)
 
@@ -543,7 +546,7 @@ class Outbox:
     def _deliver_to(self, tid: str, target: Target, state: dict[str, Any] | None) -> int:
         """The oldest page of this target's pending alerts: each sent on its own, digests of
         a rule as one message. The first failure backs the target off and ends its turn."""
-        hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
+        hits = self._search({"term": {"pending_targets": tid}}, sort=OLDEST_FIRST, size=_PAGE)
         now = self._clock()
 
         def mine(alert: dict[str, Any]) -> list[dict[str, Any]]:
@@ -587,7 +590,7 @@ class Outbox:
         deliveries are marked dropped, with the reason, instead of waiting forever. Alerts
         written before targets had ids are first given them (and so their address leaves
         the alert), then delivered by the next sweep."""
-        hits = self._search({"term": {"pending_targets": tid}}, sort=[{"matched_at": "asc"}], size=_PAGE)
+        hits = self._search({"term": {"pending_targets": tid}}, sort=OLDEST_FIRST, size=_PAGE)
         now = self._clock()
         dropped: list[str] = []
         for hit in hits:
@@ -693,7 +696,7 @@ class Outbox:
         """One message listing every pending alert of `rule` for the target."""
         now = self._clock()
         hits = self._search({"bool": {"filter": [{"term": {"rule": rule}}, {"term": {"pending_targets": tid}}]}},
-                            sort=[{"matched_at": "asc"}], size=_DIGEST_LIMIT)
+                            sort=OLDEST_FIRST, size=_DIGEST_LIMIT)
         held, records = [], []
         for hit in hits:
             claim = self._claim(hit, lambda alert: [r for r in alert["deliveries"] if r.get("target_id") == tid
