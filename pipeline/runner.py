@@ -34,7 +34,7 @@ _LOG = logging.getLogger(__name__)
 
 PRISM = "PrismRunner"
 FNAPI = "FnApiRunner"
-DEFAULT_LOCAL = FNAPI
+DEFAULT_LOCAL = PRISM
 _LOCAL_NAMES = {"direct": None, "directrunner": None, "prism": PRISM, "prismrunner": PRISM,
                 "fnapi": FNAPI, "fnapirunner": FNAPI}
 
