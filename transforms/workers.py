@@ -83,11 +83,6 @@ class WorkerPool:
         self._queued = [entry for entry in self._queued if not entry[0].done()]
         return self._queued
 
-    def queued(self) -> int:
-        """Tasks submitted and not finished yet (running or waiting for a process)."""
-        with self._lock:
-            return len(self._unfinished())
-
     def started(self, future: concurrent.futures.Future) -> bool:
         """Whether `future` has a process by now: tasks start in the order they were submitted,
         by every user of the pool, `processes` at a time (so a deadline can leave queueing out)."""
