@@ -7,6 +7,7 @@ Each patch, the Beam behaviour it works around:
 - `cheap_state_weights`: the SDK worker's state cache weighs each value by walking every module's globals.
 - `services_die_with_newsbeam`: Beam starts Prism's job server as a plain child, which outlives a killed parent.
 - `job_streams_without_deadline`: a portable job's state and message streams end after `--job_server_timeout`.
+- `lean_progress_reports`: each progress answer builds every metric of the bundle, and Prism asks ten times a second.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def apply(version: str | None = None) -> bool:
     cheap_state_weights()
     services_die_with_newsbeam()
     job_streams_without_deadline()
+    lean_progress_reports()
     return True
 
 
@@ -127,3 +129,72 @@ def job_streams_without_deadline() -> None:
 
     run.newsbeam_no_deadline = True  # type: ignore[attr-defined]
     handle.run = run
+
+
+def lean_progress_reports() -> None:
+    """Prism asks every running bundle for its progress each 100 ms (its `minimumProgTick`), and
+    reads two figures from the answer: the input's read index and the sum of the element counts
+    (has the bundle moved since the last tick? if not, split it). The SDK worker answers with
+    every metric of every operation in the bundle, built afresh each time: four timings per
+    transform, every user counter, element counts and sampled sizes. With NER bundles that wait
+    seconds for spaCy, that was a large share of the pipeline process's CPU on Prism
+    (docs/runners.md). A progress answer now carries the read index and the element counts;
+    the bundle's final answer still carries every metric. The FnApiRunner asks for no progress.
+
+    The answer stays whole whenever the bundle has a metric Prism may not know yet: at a
+    processor's first progress request, and whenever a new metric cell appeared since. Prism
+    learns a metric's name from the first answer that carries its short id, keeping one waiting
+    payload per unknown id meanwhile; two bundles finishing with the same unknown id overwrite
+    each other's payload, and the job's final metrics come out short. Idempotent."""
+    from apache_beam.metrics import monitoring_infos
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.worker import bundle_processor, sdk_worker
+
+    worker = sdk_worker.SdkWorker
+    if getattr(worker.process_bundle_progress, "newsbeam_lean", False):
+        return
+    full_answer = worker.process_bundle_progress
+
+    def outputs_of(processor: Any) -> dict[str, dict[str, str]]:
+        # A processor serves one descriptor for its whole life: its output maps are read once.
+        outputs = getattr(processor, "newsbeam_outputs", None)
+        if outputs is None:
+            transforms = processor.process_bundle_descriptor.transforms
+            outputs = processor.newsbeam_outputs = {name: dict(transforms[name].outputs) for name in processor.ops}
+        return outputs
+
+    def metric_cells(processor: Any) -> int:
+        # A reset zeroes a container's cells and removes none, so a new count means a new metric.
+        return sum(len(op.metrics_container.metrics) for op in processor.ops.values())
+
+    def progress_infos(processor: Any) -> list[Any]:
+        infos, outputs = [], outputs_of(processor)
+        for name, op in processor.ops.items():
+            infos += [info for info in op.pcollection_count_monitoring_infos(outputs[name]).values()
+                      if info.urn == monitoring_infos.ELEMENT_COUNT_URN]
+            if isinstance(op, bundle_processor.DataInputOperation):
+                infos.append(monitoring_infos.int64_counter(monitoring_infos.DATA_CHANNEL_READ_INDEX, op.index,
+                                                            ptransform=name))
+        return infos
+
+    def process_bundle_progress(self: Any, request: Any, instruction_id: str) -> Any:
+        try:
+            processor = self.bundle_processor_cache.lookup(request.instruction_id)
+        except RuntimeError:  # a failed or unknown bundle: Beam's own error answer
+            processor = None
+        if not processor:
+            return full_answer(self, request, instruction_id)
+        cells = metric_cells(processor)
+        if getattr(processor, "newsbeam_cells", None) != cells:
+            processor.newsbeam_cells = cells
+            return full_answer(self, request, instruction_id)
+        infos = progress_infos(processor)
+        return beam_fn_api_pb2.InstructionResponse(
+            instruction_id=instruction_id,
+            process_bundle_progress=beam_fn_api_pb2.ProcessBundleProgressResponse(
+                monitoring_infos=infos,
+                monitoring_data={sdk_worker.SHORT_ID_CACHE.get_short_id(info): info.payload for info in infos},
+                consuming_received_data=processor.consuming_received_data))
+
+    process_bundle_progress.newsbeam_lean = True  # type: ignore[attr-defined]
+    worker.process_bundle_progress = process_bundle_progress

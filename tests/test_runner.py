@@ -164,3 +164,68 @@ def test_a_run_outlasts_the_job_server_timeout(tmp_path, es, es_settings, feed_s
     assert "DEADLINE_EXCEEDED" not in run.stderr
     progress = [int(seconds) for seconds in re.findall(r"running (\d+)s:", run.stderr)]
     assert progress and max(progress) >= 25, run.stderr[-3000:]  # still running long after the 4 s
+
+
+class _SlowCount(beam.DoFn):
+    """Half a second an element, so Prism asks for progress while the bundle runs."""
+
+    def __init__(self):
+        self._seen = beam.metrics.Metrics.counter("test", "seen")
+
+    def process(self, element):
+        import time
+        time.sleep(0.5)
+        self._seen.inc()
+        yield element
+
+
+@pytest.mark.slow
+def test_lean_progress_answers_on_prism_leave_no_metric_unknown_and_final_metrics_stay_whole(monkeypatch,
+                                                                                           prism_location):
+    """Prism asks each running bundle for progress every 100 ms and reads the input's read index
+    and the element counts; `lean_progress_reports` (pipeline/beam_fixes.py) answers with those
+    alone once Prism has had every metric's short id. Beam's own answer to each request, built
+    first, shows what Prism would have learnt: every short id in it must have reached Prism by
+    then, or two bundles ending with the same unknown id lose one's payload."""
+    from apache_beam.metrics import monitoring_infos
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.runners.worker import sdk_worker
+
+    from newsbeam.pipeline.beam_fixes import lean_progress_reports
+
+    beams_answer = sdk_worker.SdkWorker.process_bundle_progress
+    monkeypatch.setattr(sdk_worker.SdkWorker, "process_bundle_progress", beams_answer)  # restored after
+    lean_progress_reports()
+    lean_progress_reports()  # idempotent
+    lean_answer = sdk_worker.SdkWorker.process_bundle_progress
+    assert lean_answer is not beams_answer
+    announced: set[str] = set()
+    unknown: list[set[str]] = []
+    lean_urns: list[set[str]] = []
+    left_out: set[str] = set()
+    kept = {monitoring_infos.ELEMENT_COUNT_URN, monitoring_infos.DATA_CHANNEL_READ_INDEX}
+
+    def both_answers(self, request, instruction_id):
+        full = beams_answer(self, request, instruction_id).process_bundle_progress
+        answer = lean_answer(self, request, instruction_id)
+        ours = answer.process_bundle_progress
+        announced.update(ours.monitoring_data)
+        unknown.append(set(full.monitoring_data) - announced)
+        urns = {info.urn for info in ours.monitoring_infos}
+        if urns and urns <= kept:
+            lean_urns.append(urns)
+            left_out.update({info.urn for info in full.monitoring_infos} - urns)
+        return answer
+
+    monkeypatch.setattr(sdk_worker.SdkWorker, "process_bundle_progress", both_answers)
+    options = PipelineOptions(["--runner", "PrismRunner", "--prism_location", prism_location,
+                               "--environment_type", "LOOPBACK"])
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | beam.Create(range(8)) | beam.Reshuffle() | beam.ParDo(_SlowCount())
+    assert unknown, "Prism asked no running bundle for its progress"
+    assert not any(unknown), f"short ids Prism had not been told of: {[ids for ids in unknown if ids]}"
+    assert lean_urns, "every progress answer was whole: the patch saved nothing"
+    assert all(monitoring_infos.DATA_CHANNEL_READ_INDEX in urns for urns in lean_urns)
+    assert monitoring_infos.USER_COUNTER_URN in left_out and monitoring_infos.TOTAL_MSECS_URN in left_out
+    seen = pipeline.result.metrics().query(MetricsFilter().with_name("seen"))["counters"]
+    assert sum(counter.committed for counter in seen) == 8
