@@ -218,8 +218,10 @@ def test_lean_progress_answers_on_prism_leave_no_metric_unknown_and_final_metric
         return answer
 
     monkeypatch.setattr(sdk_worker.SdkWorker, "process_bundle_progress", both_answers)
+    # A job server of its own: Beam keeps one per process, and a DirectRunner pipeline run earlier
+    # in this process leaves behind one whose download failed.
     options = PipelineOptions(["--runner", "PrismRunner", "--prism_location", prism_location,
-                               "--environment_type", "LOOPBACK"])
+                               "--environment_type", "LOOPBACK", "--experiments", "disable_prism_server_singleton"])
     with beam.Pipeline(options=options) as pipeline:
         _ = pipeline | beam.Create(range(8)) | beam.Reshuffle() | beam.ParDo(_SlowCount())
     assert unknown, "Prism asked no running bundle for its progress"
