@@ -5,6 +5,7 @@ the tests that need the secure node run on one worker (`--dist loadgroup`), whic
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -157,6 +158,18 @@ def settings(es_settings) -> Settings:
     prefix = es_settings.articles_alias.removesuffix("-articles")
     alerts = dataclasses.replace(base.alerts, rules_index=f"{prefix}-rules", alerts_index=f"{prefix}-alerts")
     return dataclasses.replace(base, elasticsearch=es_settings, alerts=alerts, feeds=())
+
+
+@pytest.fixture(autouse=True)
+def _root_logger():
+    """`newsbeam` commands run in-process point the root logger at the stderr pytest captures for
+    that test; left in place, later logging (Beam's stop of its Prism job server at exit) writes
+    to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

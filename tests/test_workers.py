@@ -258,3 +258,96 @@ def test_instances_of_a_dofn_in_one_process_share_one_pool_that_goes_with_the_la
             pool.submit(workerjobs.square, [5]).result()  # the last user shut it down
     finally:
         other.shutdown()
+
+
+def test_with_no_processes_a_pool_is_one_thread_and_a_stuck_task_holds_up_none_queued_behind_it():
+    """In-process spaCy and feedparser: one thread for every DoFn instance of the process. A task
+    past its deadline cannot be stopped; the tasks queued behind it go to a new thread, not lost."""
+    pool, release = WorkerPool(0, name="test"), threading.Event()
+    try:
+        stuck = pool.submit(lambda: release.wait(120) and threading.get_ident())
+        queued = [pool.submit(threading.get_ident, units=2) for _ in range(3)]
+        give_up = time.monotonic() + 60
+        while not stuck.running() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        assert pool.started(stuck) and not pool.started(queued[0])
+        with pytest.raises(TimeoutError):  # one thread: nothing else runs while the stuck task does
+            queued[0].result(timeout=0.5)
+        pool.record_cost(2, 1.0)
+        assert pool.room(10.0) == pytest.approx(10 / 0.5 - 1 - 6)  # one thread's worth, less what waits
+        pool.replace(stuck)
+        idents = {future.result(timeout=60) for future in queued}
+        assert not stuck.done() and len(idents) == 1  # the stuck one still runs, alone
+        assert pool.room(10.0) == pytest.approx(10 / 0.5)  # it no longer holds the queue up
+        release.set()
+        assert stuck.result(timeout=60) not in idents  # it finished on the old thread
+        hold = threading.Event()
+        pool.submit(hold.wait, 60)
+        waiting = pool.submit(time.sleep, 0)
+    finally:
+        pool.shutdown()
+    hold.set()
+    assert waiting.cancelled()  # what had not started is cancelled, not left to hang
+    with pytest.raises(RuntimeError):
+        pool.submit(time.sleep, 0)
+
+
+def test_in_process_ner_instances_share_one_spacy_thread_and_tag_one_batch_at_a_time(monkeypatch):
+    """Prism runs several bundles of the NER stage at once, each in an instance of its own: with
+    spaCy in-process their batches queue for one thread instead of running side by side."""
+    from newsbeam.transforms import entities
+
+    lock, running, most, threads = threading.Lock(), [0], [0], set()
+    real_tag = entities.tag_entities
+
+    def counted_tag(nlp, articles, settings):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            threads.add(threading.get_ident())
+        try:
+            time.sleep(0.05)  # long enough for the other instance's batch to arrive meanwhile
+            return real_tag(nlp, articles, settings)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(entities, "tag_entities", counted_tag)
+    model, articles = shared.Shared(), _articles()
+    fns = [TagEntitiesFn(NlpSettings(processes=0), model, sizes=StageSizes(ner_batch=1, ner_in_flight=4))
+           for _ in range(2)]
+    outputs: list = []
+    for fn in fns:
+        fn.setup()
+    try:
+        for fn in fns:
+            fn.start_bundle()
+        for article in articles:  # both instances have batches in flight at once
+            for fn in fns:
+                outputs += list(fn.process(article, timestamp=Timestamp(0), window=GlobalWindow()))
+        for fn in fns:
+            outputs += list(fn.finish_bundle())
+    finally:
+        for fn in fns:
+            fn.teardown()
+    tagged = [o.value for o in outputs if isinstance(o.value, Article)]
+    assert len(tagged) == 2 * len(articles) and all(article.lemmas for article in tagged)
+    assert len(threads) == 1 and most[0] == 1
+
+
+def test_the_poll_budget_follows_a_spacy_process_pool_but_not_an_in_process_thread():
+    from newsbeam.transforms.workers import room, shared_pool
+
+    hold = threading.Event()
+    thread, processes = shared_pool(0, name="room-test"), shared_pool(1, name="room-test")
+    try:
+        for pool in (thread, processes):
+            pool.record_cost(1, 1.0)  # one second an article
+        thread.submit(hold.wait, 60, units=2)
+        assert room("room-test", 5.0) == pytest.approx(5.0)  # the process pool's alone: idle, 5 articles
+        processes.submit(hold.wait, 60, units=3)
+        assert room("room-test", 5.0) == pytest.approx(5.0 - 3)
+    finally:
+        hold.set()
+        thread.shutdown()
+        processes.shutdown()

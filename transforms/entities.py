@@ -439,8 +439,9 @@ _switch_interval = _SwitchInterval()
 class TagEntitiesFn(PooledBatchingDoFn):
     """NER on batches; with `settings.processes` > 0 the batches go to that many worker
     processes (one model each) and up to three per worker are in flight, so the pipeline thread
-    keeps polling, cleaning and indexing meanwhile. With 0 they go to one thread of this process:
-    spaCy releases the GIL for most of its work, so the other stages still overlap with it. A
+    keeps polling, cleaning and indexing meanwhile. With 0 they go to one thread of this process,
+    shared by every instance: spaCy releases the GIL for most of its work, so the other stages
+    still overlap with it, while two spaCy threads would only slow each other down. A
     batch that fails is retried one article at a time, so only the article that broke it (even by
     crashing its worker) is dead-lettered."""
 
@@ -459,15 +460,15 @@ class TagEntitiesFn(PooledBatchingDoFn):
         self._tagged = Metrics.counter("newsbeam", "articles_tagged")
 
     def setup(self) -> None:
-        self._pool: SharedPool | concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: SharedPool | None = None
         self._lowered = False  # teardown also follows a setup that failed, and may come twice
         if self._processes:
             self._pool = shared_pool(self._processes, _start_worker, (self._settings.model, self._gazetteer),
                                      name=NLP_POOL)
-        else:  # one model per process, shared by every DoFn instance (threads) in it
+        else:  # one model and one spaCy thread per process, shared by every DoFn instance in it
             self._nlp = self._model_handle.acquire(
                 lambda: _ModelBox(load_model(self._settings.model, self._gazetteer))).nlp
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="newsbeam-spacy")
+            self._pool = shared_pool(0, name=NLP_POOL)
             # spaCy takes the GIL back after each stretch of work that released it; while the
             # pipeline thread holds it, the wait lasts up to the interpreter's switch interval,
             # so a shorter interval while this thread exists (measured: docs/benchmarks.md).
@@ -477,7 +478,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
     def _tag(self, articles: list[Article]) -> concurrent.futures.Future:
         if self._processes:
             return self._pool.submit(self.worker, articles, self._settings, units=len(articles))
-        return self._pool.submit(_timed_tag, self._nlp, articles, self._settings)
+        return self._pool.submit(_timed_tag, self._nlp, articles, self._settings, units=len(articles))
 
     def submit_batch(self, articles: list[Article]) -> concurrent.futures.Future:
         return self._tag(articles)
@@ -492,27 +493,21 @@ class TagEntitiesFn(PooledBatchingDoFn):
         yield from ([article] for article in tagged)
 
     def _result(self, future: concurrent.futures.Future, count: int) -> tuple[list[Article], Timings]:
-        """The batch's result within `article_timeout` per article; past it the worker is replaced
-        (and TimeoutError raised), so one pathological text never stalls tagging."""
+        """The batch's result within `article_timeout` per article from when a worker took it
+        (queued behind other instances' batches, its clock has not run); past it the worker is
+        replaced (and TimeoutError raised), so one pathological text never stalls tagging."""
+        while not future.done() and not self._pool.started(future):
+            concurrent.futures.wait([future], timeout=0.2)
         try:
             return future.result(timeout=self._settings.article_timeout * count)
         except TimeoutError:
-            self._replace_worker(future)
+            self._pool.replace(future)
             raise
-
-    def _replace_worker(self, stuck: concurrent.futures.Future) -> None:
-        if isinstance(self._pool, SharedPool):
-            self._pool.replace(stuck)
-            return
-        # A thread cannot be stopped: it is left to finish alone and its result is dropped.
-        _LOG.warning("an NER thread passed nlp.article_timeout; starting another")
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="newsbeam-spacy")
 
     def _record(self, count: int, timings: Timings) -> None:
         # The benchmark compares the pipeline with spaCy's own CPU time in the same minutes.
         seconds, cpu, queued = timings
-        if isinstance(self._pool, SharedPool):  # what the poller reads to hand over no more than spaCy can take
+        if self._processes:  # what the poller reads to hand over no more than spaCy can take
             self._pool.record_cost(count, seconds)
         timing.record(self.stage, count, seconds)
         timing.record(f"{self.stage}_cpu", count, cpu)
@@ -525,6 +520,8 @@ class TagEntitiesFn(PooledBatchingDoFn):
         future = self._tag([article])
         try:
             tagged, timings = self._result(future, 1)
+        except concurrent.futures.CancelledError:  # the pool shut down meanwhile: the run is stopping
+            raise
         except TimeoutError:
             return [self._dead(article, "nlp.article_timeout", f"NER took longer than nlp.article_timeout "
                                                               f"({self._settings.article_timeout:g}s); worker replaced")]

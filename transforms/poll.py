@@ -46,7 +46,7 @@ from newsbeam.transforms.fetch import FetchError, FetchResult, PoliteExecutor, f
 from newsbeam.transforms.parse import ParsedFeed, parse_dead_letter, safe_read_feed, timed_read_feed
 from newsbeam.transforms.redact import redact_url, redact_urls_in
 from newsbeam.transforms.settings import ElasticsearchSettings, Feed, FetchSettings, process_count
-from newsbeam.transforms.workers import NLP_POOL, SharedPool, room, shared_pool
+from newsbeam.transforms.workers import NLP_POOL, room, shared_pool
 
 _LOG = logging.getLogger(__name__)
 HEALTH = "health"
@@ -178,15 +178,12 @@ class PollShardFn(beam.DoFn):
         self._budgets = shared.budgets
         self._handed, self._handing = shared.handed, shared.handing
         # Parsing is CPU work (a first poll of 1,000 real feeds is minutes of feedparser): worker
-        # processes when configured, else one thread; neither the fetches nor the ticks wait for it.
-        processes = process_count(self._settings.parse_processes)
-        # The initializer imports the parser's module, so a deadline on a first parse never counts it.
-        self._parser = (shared_pool(processes, importlib.import_module, (timed_read_feed.__module__,),
-                                    name="feedparser") if processes else
-                        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse"))
+        # processes when configured, else one thread of this process; neither the fetches nor the
+        # ticks wait for it. The initializer imports the parser's module, so a deadline on a first
+        # parse never counts it.
+        self._parser = shared_pool(process_count(self._settings.parse_processes), importlib.import_module,
+                                   (timed_read_feed.__module__,), name="feedparser")
         self._client = connect(self._es_settings, check=False)
-        self._parsing: list[concurrent.futures.Future] = []  # submitted and unfinished, oldest first
-        self._parsing_lock = threading.Lock()
 
     def _poll(self, feed: Feed, state: FeedState) -> concurrent.futures.Future:
         """Fetch on the polite pool, then parse on the parser; one future for both."""
@@ -219,14 +216,15 @@ class PollShardFn(beam.DoFn):
         def overdue(outcome: PollOutcome, future: concurrent.futures.Future) -> None:
             if future.done() or done.done():
                 return
-            if not self._parse_started(future):  # still queued behind others: its clock has not run
+            if not self._parser.started(future):  # still queued behind others: its clock has not run
                 self._session.timers.at(time.monotonic() + self._settings.parse_timeout,
                                         lambda: overdue(outcome, future))
                 return
             outcome.parsed = ParsedFeed([], f"parsing took longer than fetch.parse_timeout "
                                             f"({self._settings.parse_timeout:g}s)", "fetch.parse_timeout")
             settle(outcome)
-            self._replace_parser(future)
+            _LOG.warning("a feed's parse passed fetch.parse_timeout; replacing the parser")
+            self._parser.replace(future)
 
         def parse(outcome: PollOutcome, retried: bool = False) -> None:
             try:
@@ -236,8 +234,6 @@ class PollShardFn(beam.DoFn):
             except (concurrent.futures.CancelledError, RuntimeError):  # shutting down
                 done.cancel()
                 return
-            with self._parsing_lock:
-                self._parsing.append(future)
             future.add_done_callback(lambda future: parsed(outcome, future, retried))
             self._session.timers.at(time.monotonic() + self._settings.parse_timeout,
                                     lambda: overdue(outcome, future))
@@ -254,25 +250,6 @@ class PollShardFn(beam.DoFn):
         self._executor.submit(host_of(feed.url), poll_one, self._session, feed, etag, last_modified, digest,
                               self._settings, False).add_done_callback(fetched)
         return done
-
-    def _parse_started(self, future: concurrent.futures.Future) -> bool:
-        """Parses start in the order they were submitted: the process pool knows its queue across
-        every instance that shares it; this instance's parser thread takes one at a time."""
-        if isinstance(self._parser, SharedPool):
-            return self._parser.started(future)
-        with self._parsing_lock:
-            self._parsing = [pending for pending in self._parsing if not pending.done()]
-            return future in self._parsing[:1]
-
-    def _replace_parser(self, stuck: concurrent.futures.Future) -> None:
-        """A parse past its deadline: its worker process is killed and replaced; a thread cannot
-        be stopped, so it is left to finish alone and a new one takes the next feeds."""
-        _LOG.warning("a feed's parse passed fetch.parse_timeout; replacing the parser")
-        if isinstance(self._parser, SharedPool):
-            self._parser.replace(stuck)
-            return
-        self._parser.shutdown(wait=False, cancel_futures=True)
-        self._parser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="newsbeam-parse")
 
     def start_bundle(self) -> None:
         self._settle_until: float | None = None

@@ -11,6 +11,9 @@ A child that dies (a segfault in a C extension, the OOM killer) breaks the pool:
 future fails with `BrokenProcessPool`, so the caller can retry or dead-letter the input that
 killed it instead of losing the rest, and the next `submit` replaces the pool. A child past its
 deadline is killed the same way (`replace`).
+
+With 0 processes the pool is one thread of this process (`OneThread`), for work kept in-process:
+the tasks of every DoFn instance then run one at a time instead of side by side on as many threads.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import time
@@ -44,10 +48,82 @@ def resolve_processes(processes: int) -> int:
         return os.cpu_count() or 1
 
 
+class OneThread:
+    """An executor of one thread whose queue outlives a task that never ends: `replace` leaves
+    the stuck thread to finish alone (a thread cannot be stopped) and starts another on the same
+    queue, so the tasks waiting behind it still run. `initializer` runs in each new thread."""
+
+    def __init__(self, name: str, initializer: Callable[..., None] | None = None, initargs: tuple = ()):
+        self._name = f"newsbeam-{name.lower()}"
+        self._initializer = initializer
+        self._initargs = initargs
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        # Named the queue's thread before it runs: a thread that is not ends after its task.
+        self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        broken: BaseException | None = None  # an initializer that failed fails every task
+        try:
+            if self._initializer is not None:
+                self._initializer(*self._initargs)
+        except Exception as err:
+            broken = err
+        me = threading.current_thread()
+        while True:
+            task = self._tasks.get()
+            if task is None:  # shut down: passed on to any other thread still waiting
+                self._tasks.put(None)
+                return
+            future, fn, args = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    if broken is not None:
+                        raise broken
+                    future.set_result(fn(*args))
+                except BaseException as err:  # the caller gets every failure
+                    future.set_exception(err)
+            if self._thread is not me:  # replaced while on this task: another has the queue
+                return
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit to a shut down thread")
+            self._tasks.put((future, fn, args))
+        return future
+
+    def replace(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._start()
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+        while cancel_futures:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        self._tasks.put(None)
+        if wait:
+            self._thread.join()
+
+
 class WorkerPool:
     def __init__(self, processes: int, initializer: Callable[..., None] | None = None,
                  initargs: tuple = (), name: str = "worker"):
         self.processes = processes
+        self._workers = processes or 1  # tasks that run at once
         self._initializer = initializer
         self._initargs = initargs
         self._name = name
@@ -57,7 +133,9 @@ class WorkerPool:
         self._unit_seconds: float | None = None  # what one unit takes a process, as callers report it
         self._executor = self._start()
 
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor | OneThread:
+        if not self.processes:
+            return OneThread(self._name, self._initializer, self._initargs)
         _LOG.info("starting %d %s process(es)", self.processes, self._name)
         executor = concurrent.futures.ProcessPoolExecutor(
             self.processes, mp_context=multiprocessing.get_context("spawn"),
@@ -85,9 +163,10 @@ class WorkerPool:
 
     def started(self, future: concurrent.futures.Future) -> bool:
         """Whether `future` has a process by now: tasks start in the order they were submitted,
-        by every user of the pool, `processes` at a time (so a deadline can leave queueing out)."""
+        by every user of the pool, `processes` (or the one thread) at a time (so a deadline can
+        leave queueing out)."""
         with self._lock:
-            return any(queued is future for queued, _ in self._unfinished()[:self.processes])
+            return any(queued is future for queued, _ in self._unfinished()[:self._workers])
 
     def record_cost(self, units: float, seconds: float) -> None:
         """What a finished task of `units` took its process; recent tasks weigh most."""
@@ -104,15 +183,23 @@ class WorkerPool:
             waiting = sum(units for _, units in self._unfinished())
             if self._unit_seconds is None:
                 return 0.0 if waiting else None
-            return max(0.0, seconds * self.processes / max(self._unit_seconds, 1e-6) - waiting)
+            return max(0.0, seconds * self._workers / max(self._unit_seconds, 1e-6) - waiting)
 
     def replace(self, stuck: concurrent.futures.Future) -> None:
         """Kills the workers of the pool that runs `stuck` (past its deadline: a process cannot
         be interrupted otherwise) and starts a new pool; the other futures of that pool fail
-        with BrokenProcessPool, as after a crash."""
+        with BrokenProcessPool, as after a crash. The thread of a pool of 0 processes is left to
+        finish alone, and another takes the tasks queued behind it."""
         with self._lock:
             executor = self._executor
         if stuck.done():
+            return
+        if isinstance(executor, OneThread):
+            _LOG.warning("a %s task passed its deadline; its thread is left to finish it alone, "
+                         "another takes the next tasks", self._name)
+            with self._lock:  # it no longer holds up the queue (`started`, `room`)
+                self._queued = [entry for entry in self._queued if entry[0] is not stuck]
+            executor.replace()
             return
         for process in list(getattr(executor, "_processes", {}).values()):
             process.kill()
@@ -159,7 +246,8 @@ def shared_pool(processes: int, initializer: Callable[..., None] | None = None, 
                 name: str = "worker") -> SharedPool:
     """A handle on this process's one pool for these arguments. A runner may run several
     instances of a DoFn at once in one process, and a pool each would start more worker
-    processes (each with its own spaCy model) than there are cores."""
+    processes (each with its own spaCy model) than there are cores, or, with 0 processes, as many
+    threads, whose tasks slow each other down (the GIL, the cores' caches)."""
     key = (name, processes, initializer, repr(initargs))
     with _shared_lock:
         entry = _shared.get(key)
@@ -172,9 +260,11 @@ def shared_pool(processes: int, initializer: Callable[..., None] | None = None, 
 def room(name: str, seconds: float) -> float | None:
     """Units of work this process's shared pools called `name` can take on before what they
     have unfinished lasts longer than `seconds` (`WorkerPool.room`); None when there is no such
-    pool or none knows yet."""
+    pool or none knows yet. A pool of 0 processes (a thread of this process) is left out: the
+    thread shares the cores with the stages that feed it, and measured with and without the cut
+    it kept up better handed the whole budget (docs/runners.md)."""
     with _shared_lock:
-        pools = [entry[0] for key, entry in _shared.items() if key[0] == name]
+        pools = [entry[0] for key, entry in _shared.items() if key[0] == name and entry[0].processes]
     rooms = [space for space in (pool.room(seconds) for pool in pools) if space is not None]
     return sum(rooms) if rooms else None
 
