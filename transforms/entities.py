@@ -507,8 +507,7 @@ class TagEntitiesFn(PooledBatchingDoFn):
     def _record(self, count: int, timings: Timings) -> None:
         # The benchmark compares the pipeline with spaCy's own CPU time in the same minutes.
         seconds, cpu, queued = timings
-        if self._processes:  # what the poller reads to hand over no more than spaCy can take
-            self._pool.record_cost(count, seconds)
+        self._pool.record_cost(count, seconds)  # what the poller reads to hand over no more than spaCy can take
         timing.record(self.stage, count, seconds)
         timing.record(f"{self.stage}_cpu", count, cpu)
         timing.record(f"{self.stage}_run_queue", count, queued)
