@@ -411,8 +411,8 @@ def _tag_in_worker(articles: list[Article], settings: NlpSettings) -> tuple[list
 
 
 class _SwitchInterval:
-    """The process-wide GIL switch interval: lowered while any in-process NER thread exists (one
-    per DoFn instance, several on a distributed runner's worker), restored after the last."""
+    """The process-wide GIL switch interval: lowered while any in-process NER instance exists
+    (several share the process's spaCy thread), restored after the last one's teardown."""
 
     def __init__(self):
         self._lock = threading.Lock()
