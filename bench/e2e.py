@@ -18,7 +18,8 @@ i.e. one process like bare spaCy):
    `--alert-share` of the other articles: a watch term, not every article, as users set them);
 3. time per stage (transforms/timing.py), peak RSS of the pipeline process and of it plus its
    worker processes (sampled every 0.5 s from /proc), the runner actually used, and CPU per
-   article of the pipeline process, its workers, Elasticsearch and this script during phase 1.
+   article of the pipeline process, its workers, the runner's own process (Prism), Elasticsearch
+   (the one listening on --es-url's port, when given) and this script during phase 1.
 Before the first run, an unreported run of `--warmup-articles` (spaCy in one worker process per
 core) warms Elasticsearch up.
 Bare spaCy: `nlp.pipe` in this process over the same texts, same model and components, and the
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from elasticsearch import ApiError, Elasticsearch, NotFoundError
@@ -205,12 +207,45 @@ def _cpu_seconds(pid: int | None) -> float:
 
 
 def cpu_snapshot(pipeline: int, es: int | None) -> dict[str, float]:
-    """CPU seconds so far of the pipeline process, its worker processes, Elasticsearch and
-    this benchmark (feed server, watcher, sampler): where the machine's cores went."""
+    """CPU seconds so far of the pipeline process, its worker processes (spaCy, feedparser),
+    the runner's own process (Prism's binary), Elasticsearch and this benchmark (feed server,
+    watcher, sampler): where the machine's cores went."""
     own = os.times()
+    children = _descendants(pipeline)
+    runner = [pid for pid in children if _command_name(pid) == "prism"]
     return {"pipeline_process": _cpu_seconds(pipeline),
-            "worker_processes": sum(_cpu_seconds(pid) for pid in _descendants(pipeline)),
+            "worker_processes": sum(_cpu_seconds(pid) for pid in children if pid not in runner),
+            "runner_process": sum(_cpu_seconds(pid) for pid in runner),
             "elasticsearch": _cpu_seconds(es), "benchmark_process": own.user + own.system}
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def listening_pid(port: int | None) -> int | None:
+    """The process listening on TCP `port` on this machine (an Elasticsearch given with
+    --es-url), from /proc; None when there is none or it is not visible."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                sockets.add(f"socket:[{fields[9]}]")
+    for fds in Path("/proc").glob("[0-9]*/fd") if sockets else ():
+        try:
+            if any(os.readlink(fd) in sockets for fd in fds.iterdir()):
+                return int(fds.parent.name)
+        except OSError:
+            continue
+    return None
 
 
 def _descendants(pid: int) -> list[int]:
@@ -477,7 +512,9 @@ def main() -> int:
              for runner in args.runner.split(",")]
     es_dir, es_pid = None, None
     es_url = args.es_url
-    if not es_url:
+    if es_url:
+        es_pid = listening_pid(urllib.parse.urlsplit(es_url).port)
+    else:
         es_dir = Path(tempfile.mkdtemp(prefix="newsbeam-bench-es-"))
         es_url = local_es.start(es_dir, port=local_es.free_port(), heap="1g").url
         es_pid = local_es.running_pid(es_dir)

@@ -1,7 +1,8 @@
 """Properties where examples are thin: random rules over random articles give the same set in
 the in-stream matcher and in Elasticsearch (a real index); the rule parser reads back every
 rule it can print; URL canonicalisation is idempotent and drops tracking parameters; cleaning
-never emits markup or script text and never grows the text."""
+never emits markup or script text and never grows the text; the topics' number check
+agrees with its definition."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ from newsbeam.transforms.rules import (
     to_elasticsearch,
 )
 from newsbeam.transforms.settings import ElasticsearchSettings
+from newsbeam.transforms.topics import _NUMBER_WORDS, _NUMERAL, _is_number
 
 # --------------------------------------------------------------------------- rules, two back-ends
 
@@ -186,3 +188,11 @@ def test_cleaning_never_emits_markup_or_hidden_text_and_never_grows(document):
     assert SECRET not in cleaned
     assert len(cleaned) <= len(document)
     assert html_to_text(cleaned) == cleaned  # plain text comes back as it is
+
+
+# --------------------------------------------------------------------------- topics
+
+@given(st.text(alphabet="0123456789,.٣a-x", min_size=1, max_size=8) | st.sampled_from(["two", "dozen", "twos"]))
+def test_the_topics_number_check_agrees_with_its_definition(token):
+    # `_is_number` skips the regex for tokens that cannot start a numeral; the answers must not move.
+    assert _is_number(token) == bool(_NUMERAL.match(token) or token in _NUMBER_WORDS)

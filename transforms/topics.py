@@ -40,6 +40,12 @@ fifty sixty seventy eighty ninety hundred thousand million billion dozen""".spli
 SCOPES = ("article", "passage")
 
 
+def _is_number(token: str) -> bool:
+    """A numeral ("1,000", "3.5") or a number word. The regex runs only on tokens that start
+    with a digit: topics index every token of every article."""
+    return token in _NUMBER_WORDS or (token[:1].isdecimal() and _NUMERAL.match(token) is not None)
+
+
 @dataclasses.dataclass(frozen=True)
 class NearRule:
     groups: tuple[tuple[Phrase, ...], ...]
@@ -151,7 +157,7 @@ class Passage:
         self._index: dict[str, list[int]] = {}
         for position, token in enumerate(tokens):
             self._index.setdefault(token, []).append(position)
-            if _NUMERAL.match(token) or token in _NUMBER_WORDS:
+            if _is_number(token):
                 self._index.setdefault(NUMBER, []).append(position)
 
     def positions(self, phrase: Phrase) -> list[int]:
@@ -163,7 +169,7 @@ class Passage:
 
     @staticmethod
     def _is(token: str, word: str) -> bool:
-        return token == word or (word == NUMBER and bool(_NUMERAL.match(token) or token in _NUMBER_WORDS))
+        return token == word or (word == NUMBER and _is_number(token))
 
     def __bool__(self) -> bool:
         return bool(self.tokens)
