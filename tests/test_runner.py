@@ -187,6 +187,7 @@ def test_lean_progress_answers_on_prism_leave_no_metric_unknown_and_final_metric
     alone once Prism has had every metric's short id. Beam's own answer to each request, built
     first, shows what Prism would have learnt: every short id in it must have reached Prism by
     then, or two bundles ending with the same unknown id lose one's payload."""
+    from apache_beam.coders import VarIntCoder
     from apache_beam.metrics import monitoring_infos
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.runners.worker import sdk_worker
@@ -203,7 +204,10 @@ def test_lean_progress_answers_on_prism_leave_no_metric_unknown_and_final_metric
     unknown: list[set[str]] = []
     lean_urns: list[set[str]] = []
     left_out: set[str] = set()
+    behind: list[tuple[str, int, int]] = []  # (short id, lean figure, Beam's figure built just before)
+    moved: list[int] = []
     kept = {monitoring_infos.ELEMENT_COUNT_URN, monitoring_infos.DATA_CHANNEL_READ_INDEX}
+    decode = VarIntCoder().decode
 
     def both_answers(self, request, instruction_id):
         full = beams_answer(self, request, instruction_id).process_bundle_progress
@@ -211,10 +215,17 @@ def test_lean_progress_answers_on_prism_leave_no_metric_unknown_and_final_metric
         ours = answer.process_bundle_progress
         announced.update(ours.monitoring_data)
         unknown.append(set(full.monitoring_data) - announced)
-        urns = {info.urn for info in ours.monitoring_infos}
+        # Prism reads the payloads by short id: what each names is in the SDK's short-id cache.
+        urns = {info.urn for info in sdk_worker.SHORT_ID_CACHE.get_infos(ours.monitoring_data).values()}
         if urns and urns <= kept:
             lean_urns.append(urns)
             left_out.update({info.urn for info in full.monitoring_infos} - urns)
+            # The same figures as Beam's answer, read a moment later: never behind it (counts and
+            # the read index only grow within a bundle).
+            behind.extend((short, decode(payload), decode(full.monitoring_data[short]))
+                          for short, payload in ours.monitoring_data.items()
+                          if decode(payload) < decode(full.monitoring_data[short]))
+            moved.extend(decode(payload) for payload in ours.monitoring_data.values())
         return answer
 
     monkeypatch.setattr(sdk_worker.SdkWorker, "process_bundle_progress", both_answers)
@@ -228,6 +239,8 @@ def test_lean_progress_answers_on_prism_leave_no_metric_unknown_and_final_metric
     assert not any(unknown), f"short ids Prism had not been told of: {[ids for ids in unknown if ids]}"
     assert lean_urns, "every progress answer was whole: the patch saved nothing"
     assert all(monitoring_infos.DATA_CHANNEL_READ_INDEX in urns for urns in lean_urns)
+    assert not behind, f"lean figures behind Beam's own: {behind}"
+    assert any(figure > 0 for figure in moved), "no lean answer saw a bundle move"
     assert monitoring_infos.USER_COUNTER_URN in left_out and monitoring_infos.TOTAL_MSECS_URN in left_out
     seen = pipeline.result.metrics().query(MetricsFilter().with_name("seen"))["counters"]
     assert sum(counter.committed for counter in seen) == 8
